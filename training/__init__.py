@@ -1,0 +1,1 @@
+"""L-Softmax MNIST training: data, the margin layer, the nets, the training loop and checkpoints."""

@@ -1,0 +1,66 @@
+"""Self-describing checkpoints: the net's config beside every state dict, written atomically.
+
+A checkpoint is a plain dict of tensors and Python primitives, so it loads with
+`torch.load(path, weights_only=True)`; `rebuild_model(ckpt)` needs nothing but the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from training.models import LSoftmaxNet, build_model
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "rebuild_model"]
+
+CHECKPOINT_FORMAT = "lsoftmax-serve/checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or not one of ours; the message names the file."""
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    state = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, **state}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load with weights_only=True and check it is one of ours; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not an lsoftmax-serve training checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    for key in ("config", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
+    return ckpt
+
+
+def rebuild_model(ckpt: dict) -> LSoftmaxNet:
+    """Build the net from the checkpoint's own config and load its weights (eval mode)."""
+    config = ckpt["config"]
+    model = build_model(config["model"], int(config["margin"]), int(config.get("num_classes", 10)))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
