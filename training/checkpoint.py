@@ -22,6 +22,12 @@ CHECKPOINT_FORMAT = "lsoftmax-serve/checkpoint"
 CHECKPOINT_VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or not one of ours; the message names the file."""
 
@@ -34,6 +40,9 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them visible
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,8 +57,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from exc
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else type(exc).__name__)
+        raise CheckpointError(f"{path}: not a readable lsoftmax-serve checkpoint ({detail})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an lsoftmax-serve training checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     for key in ("config", "model"):

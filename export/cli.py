@@ -1,0 +1,45 @@
+"""`python -m export CHECKPOINT --out REPO`: fold, write, verify and lay out a model repository.
+
+Prints the parity figures (eager vs TorchScript vs ONNX Runtime) and exits non-zero with one line
+naming the problem on bad input (missing/corrupt/foreign checkpoint, non-empty output without --force).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from export.repository import ExportError, export_repository
+from export.verify import ParityError
+from training.checkpoint import CheckpointError
+from training.data import DataError
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a .pt written by python -m training (best.pt or last.pt)")
+    p.add_argument("--out", default="model_repository", help="model repository folder to write")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--max-batch-size", type=int, default=256, help="max_batch_size in config.pbtxt")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("--data-dir", default=None, help="torchvision-layout MNIST root to verify on")
+    p.add_argument("--cache-dir", default=None, help="MNIST cache root")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.opset < 17:
+        print(f"error: --opset must be >= 17, got {args.opset}", file=sys.stderr)
+        return 2
+    if args.max_batch_size < 1:
+        print(f"error: --max-batch-size must be >= 1, got {args.max_batch_size}", file=sys.stderr)
+        return 2
+    try:
+        export_repository(args.checkpoint, args.out, force=args.force, max_batch_size=args.max_batch_size,
+                          opset=args.opset, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    except (ExportError, CheckpointError, ParityError, DataError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

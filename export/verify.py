@@ -1,0 +1,110 @@
+"""Parity checks run before an export reports success.
+
+Eager inference module vs TorchScript (saved and reloaded) vs ONNX Runtime, at batch sizes 1 and 64
+and over a whole evaluation set: max |diff| of logits and embeddings, top-1 agreement (differing
+images listed), and each runtime's accuracy against the labels. The fold itself is checked against
+the unfolded net in eval mode (same logits from normalised pixels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from export.graphs import run_onnx, run_torchscript
+from training.data import normalize
+
+__all__ = ["ParityError", "ParityReport", "check_parity", "TOLERANCE"]
+
+TOLERANCE = 1e-4
+
+
+class ParityError(RuntimeError):
+    """An exported graph disagrees with eager PyTorch beyond the tolerance."""
+
+
+@dataclass
+class ParityReport:
+    tolerance: float = TOLERANCE
+    fold_max_abs_diff: float = 0.0
+    batches: dict = field(default_factory=dict)  # "bs1", "bs64", "full" -> {runtime: {logits, embedding, top1}}
+    accuracy: dict = field(default_factory=dict)  # runtime -> % correct over the evaluation set
+    disagreements: dict = field(default_factory=dict)  # runtime -> image indices whose top-1 differs from eager
+    images: int = 0
+
+    def as_dict(self) -> dict:
+        return {"tolerance": self.tolerance, "fold_max_abs_diff": self.fold_max_abs_diff, "batches": self.batches,
+                "accuracy": self.accuracy, "disagreements": self.disagreements, "images": self.images}
+
+    def lines(self) -> list[str]:
+        out = [f"fold: max |eager inference logits - unfolded net eval logits| = {self.fold_max_abs_diff:.3g}"]
+        for name, runtimes in self.batches.items():
+            for runtime, stats in runtimes.items():
+                out.append(f"{name:>5} {runtime:<11} vs eager: max|dlogits| {stats['logits']:.3g}  "
+                           f"max|dembedding| {stats['embedding']:.3g}  top-1 agreement {stats['top1']:.2f}%")
+        acc = "  ".join(f"{k} {v:.2f}%" for k, v in self.accuracy.items())
+        out.append(f"accuracy over {self.images} images: {acc}")
+        return out
+
+
+def _batched(fn, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    parts = [fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _compare(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray]) -> dict:
+    return {
+        "logits": float(np.abs(ref[0] - got[0]).max()),
+        "embedding": float(np.abs(ref[1] - got[1]).max()),
+        "top1": 100.0 * float((ref[0].argmax(1) == got[0].argmax(1)).mean()),
+    }
+
+
+@torch.no_grad()
+def check_parity(net, inference, scripted, session, images: torch.Tensor, labels: torch.Tensor | None,
+                 normalization: dict, batch_size: int = 500) -> ParityReport:
+    """Run every comparison; raise ParityError listing what failed, else return the report."""
+    report = ParityReport(images=len(images))
+    runtimes = {
+        "torchscript": lambda x: run_torchscript(scripted, x),
+        "onnxruntime": lambda x: run_onnx(session, x),
+    }
+
+    def eager(x):
+        logits, embedding = inference(x)
+        return logits.numpy(), embedding.numpy()
+
+    # The fold: plain logits of the trained net (margin layer in eval mode) from normalised pixels.
+    probe = images[:256]
+    unfolded = net(normalize(probe, normalization["mean"], normalization["std"])).numpy()
+    report.fold_max_abs_diff = float(np.abs(unfolded - eager(probe)[0]).max())
+
+    for name, subset, bs in (("bs1", images[:1], 1), ("bs64", images[:64], 64), ("full", images, batch_size)):
+        outputs = {"eager": _batched(eager, subset, bs), **{rt: _batched(fn, subset, bs) for rt, fn in runtimes.items()}}
+        report.batches[name] = {rt: _compare(outputs["eager"], outputs[rt]) for rt in runtimes}
+    full_outputs = outputs
+
+    if labels is not None:
+        y = labels.numpy()
+        report.accuracy = {rt: 100.0 * float((out[0].argmax(1) == y).mean()) for rt, out in full_outputs.items()}
+    eager_top1 = full_outputs["eager"][0].argmax(1)
+    for rt in runtimes:
+        differing = np.nonzero(full_outputs[rt][0].argmax(1) != eager_top1)[0]
+        if len(differing):
+            report.disagreements[rt] = differing.tolist()[:50]
+
+    problems = []
+    if report.fold_max_abs_diff > TOLERANCE:
+        problems.append(f"fold differs from the unfolded net by {report.fold_max_abs_diff:.3g}")
+    for name, per_runtime in report.batches.items():
+        for rt, stats in per_runtime.items():
+            if stats["logits"] > TOLERANCE or stats["embedding"] > TOLERANCE:
+                problems.append(f"{rt} at {name}: max diff logits {stats['logits']:.3g} "
+                                f"embedding {stats['embedding']:.3g} > {TOLERANCE}")
+    for rt, idx in report.disagreements.items():
+        problems.append(f"{rt} top-1 differs from eager on images {idx}")
+    if problems:
+        raise ParityError("; ".join(problems))
+    return report

@@ -1,0 +1,200 @@
+"""Export: the fold is exact, graphs agree with eager after a save/load round trip, the repository is
+self-consistent (manifest hashes, config.pbtxt vs graph), and a failed export leaves nothing behind."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from export.graphs import load_onnx_session, load_torchscript
+from export.inference_module import build_inference_module
+from export.repository import ExportError, export_repository, sha256_file
+from training.checkpoint import load_checkpoint, rebuild_model
+from training.data import normalize
+
+ONNX_DIR = "lsoftmax_mnist_onnx"
+TS_DIR = "lsoftmax_mnist_torchscript"
+
+
+def _synthetic(n=96, seed=5):
+    from support import synthetic_digits
+
+    x, y = synthetic_digits(n, seed)
+    return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_checkpoint):
+    images, labels = _synthetic()
+    out = tmp_path_factory.mktemp("export") / "repo"
+    manifest = export_repository(tiny_checkpoint, out, images=images, labels=labels, log=lambda *_: None)
+    return out, manifest, images
+
+
+def test_fold_is_exact(tiny_checkpoint):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    net = rebuild_model(ckpt)
+    inference = build_inference_module(net, ckpt["config"]["normalization"])
+    images, labels = _synthetic(32)
+    with torch.no_grad():
+        folded_logits, embedding = inference(images)
+        x = normalize(images)
+        torch.testing.assert_close(folded_logits, net(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(folded_logits, net(x, labels), rtol=0, atol=1e-5)  # eval: no margin
+        torch.testing.assert_close(embedding, net.embed(x), rtol=0, atol=1e-5)
+    names = {n for n, _ in inference.named_modules()}
+    assert not any("head" in n for n in names), "the margin layer must be gone"
+    assert inference.classifier.bias is None and torch.equal(inference.classifier.weight, net.head.weight)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_graphs_match_eager_after_round_trip(repo, tiny_checkpoint, batch):
+    out, manifest, images = repo
+    ckpt = load_checkpoint(tiny_checkpoint)
+    inference = build_inference_module(rebuild_model(ckpt), ckpt["config"]["normalization"])
+    x = images[:batch]
+    with torch.no_grad():
+        ref_logits, ref_emb = (t.numpy() for t in inference(x))
+    ts_logits, ts_emb = (t.numpy() for t in load_torchscript(out / TS_DIR / "1" / "model.pt")(x))
+    ort_logits, ort_emb = load_onnx_session(out / ONNX_DIR / "1" / "model.onnx").run(None, {"image": x.numpy()})
+    assert ts_logits.shape == (batch, 10) and ts_emb.shape == (batch, 128)
+    for logits, emb in ((ts_logits, ts_emb), (ort_logits, ort_emb)):
+        assert np.abs(logits - ref_logits).max() <= 1e-4
+        assert np.abs(emb - ref_emb).max() <= 1e-4
+        assert (logits.argmax(1) == ref_logits.argmax(1)).all()
+    parity = manifest["parity"]
+    assert set(parity["batches"]) == {"bs1", "bs64", "full"}
+    assert parity["accuracy"]["torchscript"] == parity["accuracy"]["onnxruntime"] == parity["accuracy"]["eager"]
+
+
+def test_onnx_opset_ops_and_uint8_contract(repo):
+    import onnx
+
+    out, manifest, images = repo
+    model = onnx.load(str(out / ONNX_DIR / "1" / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"Acos", "Cos", "Floor"}
+    (inp,) = model.graph.input
+    assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 28, 28]
+    assert [o.name for o in model.graph.output] == ["logits", "embedding"]
+    session = load_onnx_session(out / ONNX_DIR / "1" / "model.onnx")
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    with pytest.raises(Exception):
+        session.run(None, {"image": images[:2].float().numpy()})
+
+
+def test_torchscript_loads_without_project_code(repo):
+    out, _, _ = repo
+    code = (
+        "import sys, torch\n"
+        f"m = torch.jit.load({str(out / TS_DIR / '1' / 'model.pt')!r})\n"
+        "logits, emb = m(torch.zeros(3, 1, 28, 28, dtype=torch.uint8))\n"
+        "assert logits.shape == (3, 10) and emb.shape == (3, 128)\n"
+        "assert not any(k == 'training' or k.startswith(('training.', 'export')) for k in sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=out)
+
+
+def test_manifest_hashes_and_facts(repo):
+    out, manifest, _ = repo
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["files"] == manifest["files"]
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == files
+    for rel, sha in manifest["files"].items():
+        assert sha256_file(out / rel) == sha
+    for name, entry in manifest["models"].items():
+        assert sha256_file(out / entry["file"]) == entry["sha256"]
+    assert manifest["net"] == "fast" and manifest["margin"] == 2 and manifest["embedding_dim"] == 128
+    assert manifest["input"]["datatype"] == "UINT8" and manifest["input"]["normalization"]["mean"] == pytest.approx(0.1307)
+    assert {"torch", "onnx", "onnxruntime"} <= set(manifest["exporter"])
+
+
+@pytest.mark.parametrize("model_dir,backend,graph", [(ONNX_DIR, "onnxruntime", "onnx"), (TS_DIR, "pytorch", "ts")])
+def test_config_pbtxt_matches_graph(repo, model_dir, backend, graph):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    out, manifest, _ = repo
+    cfg = text_format.Parse((out / model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.name == model_dir and cfg.backend == backend and cfg.max_batch_size == 256
+    (inp,) = cfg.input
+    assert (inp.name, inp.data_type, list(inp.dims)) == ("image", model_config_pb2.TYPE_UINT8, [1, 28, 28])
+    assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [
+        ("logits", model_config_pb2.TYPE_FP32, [10]), ("embedding", model_config_pb2.TYPE_FP32, [128])]
+    x = torch.zeros(5, 1, 28, 28, dtype=torch.uint8)
+    if graph == "onnx":
+        logits, emb = load_onnx_session(out / model_dir / "1" / "model.onnx").run(None, {"image": x.numpy()})
+    else:
+        logits, emb = (t.numpy() for t in load_torchscript(out / model_dir / "1" / "model.pt")(x))
+    assert [list(logits.shape[1:]), list(emb.shape[1:])] == [list(o.dims) for o in cfg.output]
+
+
+def test_failed_export_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch):
+    import export.repository as repository
+    from export.verify import ParityError
+
+    def broken(*args, **kwargs):
+        raise ParityError("simulated disagreement")
+
+    monkeypatch.setattr(repository, "check_parity", broken)
+    images, labels = _synthetic(16)
+    with pytest.raises(ParityError):
+        export_repository(tiny_checkpoint, tmp_path / "repo", images=images, labels=labels, log=lambda *_: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(tmp_path, tiny_checkpoint):
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    images, labels = _synthetic(16)
+    with pytest.raises(ExportError, match="not empty"):
+        export_repository(tiny_checkpoint, out, images=images, labels=labels, log=lambda *_: None)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_repository(tiny_checkpoint, out, force=True, images=images, labels=labels, log=lambda *_: None)
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "export", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "foreign"])
+def test_cli_bad_checkpoint_is_one_line(tmp_path, kind):
+    path = tmp_path / "model.pt"
+    if kind == "corrupt":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif kind == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    result = _cli(path, "--out", tmp_path / "repo")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], result.stderr
+    assert not (tmp_path / "repo").exists()
+
+
+def test_cli_refuses_non_empty_output(tmp_path, tiny_checkpoint):
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "x").write_text("")
+    result = _cli(tiny_checkpoint, "--out", out)
+    assert result.returncode != 0 and "--force" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_cli_on_real_mnist(tmp_path):
+    """The full command verifies on the 10,000 MNIST test digits and prints the parity figures."""
+    from support import make_checkpoint
+
+    result = _cli(make_checkpoint(tmp_path / "c.pt", test_acc=None), "--out", tmp_path / "repo")
+    assert result.returncode == 0, result.stderr
+    assert "accuracy over 10000 images" in result.stdout and "top-1 agreement 100.00%" in result.stdout

@@ -1,0 +1,61 @@
+"""Test helpers shared across the tree (importable as `support` because pytest puts tests/ on sys.path):
+tiny synthetic MNIST digits, a torchvision-layout root of them, and tiny training checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [n, 28, 28] images whose class is a bright 6x6 square at one of 10 grid cells, over faint noise:
+    easy enough that a net learns it in a few iterations, so training tests can check accuracy moves."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        r, col = divmod(int(c), 4)
+        images[i, 2 + 7 * r:8 + 7 * r, 2 + 7 * col:8 + 7 * col] = 255
+    return images, labels
+
+
+def write_synthetic_mnist(root, n_train: int = 512, n_test: int = 128, seed: int = 0):
+    from training.data import write_idx_files
+
+    tr_x, tr_y = synthetic_digits(n_train, seed)
+    te_x, te_y = synthetic_digits(n_test, seed + 1)
+    write_idx_files(root, {
+        "train-images-idx3-ubyte": tr_x, "train-labels-idx1-ubyte": tr_y,
+        "t10k-images-idx3-ubyte": te_x, "t10k-labels-idx1-ubyte": te_y,
+    })
+    return root
+
+
+def make_checkpoint(path, model: str = "fast", margin: int = 2, seed: int = 0, test_acc: float = 12.5):
+    """A randomly initialised net saved as a training checkpoint, with non-trivial BatchNorm statistics
+    and PReLU slopes (so an export that ignored them would be caught)."""
+    from training.checkpoint import save_checkpoint
+    from training.data import MNIST_MEAN, MNIST_STD
+    from training.models import build_model, embedding_dim
+
+    torch.manual_seed(seed)
+    net = build_model(model, margin)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+            if isinstance(module, torch.nn.PReLU):
+                module.weight.uniform_(0.05, 0.4)
+    net.head.beta.fill_(3.0)
+    config = {
+        "model": model, "margin": margin, "num_classes": 10, "embedding_dim": embedding_dim(model),
+        "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD, "scale": 1.0 / 255.0},
+        "input": {"shape": [1, 28, 28], "dtype": "uint8", "polarity": "white digit on black (MNIST)"},
+        "train_args": {"model": model, "margin": margin, "seed": seed},
+    }
+    metrics = {"epoch": 1, "test_acc": test_acc}
+    save_checkpoint({"config": config, "model": net.state_dict(), "epoch": 1, "metrics": metrics}, path)
+    return path
