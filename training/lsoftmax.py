@@ -44,6 +44,59 @@ def chebyshev_cos_multiple(c: torch.Tensor, m: int) -> torch.Tensor:
     return cur
 
 
+class _LSoftmaxFunction(torch.autograd.Function):
+    """Fused forward/backward of the training-mode layer: one autograd node instead of ~30 small ones.
+
+    With p = W_y^T x, N = ||W_y|| ||x||, c = p / N and f = N psi(c), the target logit is
+    out_y = (f + beta p) / (1 + beta), so
+        d out_y / d p = (psi'(c) + beta) / (1 + beta),   d out_y / d N = (psi(c) - c psi'(c)) / (1 + beta),
+    with psi'(c) = (-1)^k m U_{m-1}(c). p flows back through W x like every other logit, and N through
+    d N / d x = ||W_y|| x / ||x||, d N / d W_y = ||x|| W_y / ||W_y||.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, target, beta: float, layer: "LSoftmaxLinear"):
+        logits = x.mm(weight.t())  # [B, C]
+        t = target.view(-1, 1)
+        p = logits.gather(1, t).squeeze(1)  # W_y^T x, [B]
+        w_norm = torch.linalg.vector_norm(weight, dim=1)  # [C]
+        a = w_norm.index_select(0, target)  # ||W_y||
+        b = torch.linalg.vector_norm(x, dim=1)  # ||x||
+        n = a * b
+        c = (p / n.clamp_min(_NORM_EPS)).clamp_(-1.0, 1.0)
+        psi, dpsi = layer.psi_and_derivative(c)
+        out_y = n * psi
+        if beta != 0:
+            out_y = out_y.add_(p, alpha=beta).mul_(1.0 / (1.0 + beta))  # (n psi + beta p) / (1 + beta)
+        logits.scatter_(1, t, out_y.unsqueeze(1))
+        ctx.save_for_backward(x, weight, target)
+        # Intermediates (neither inputs nor outputs) may live on ctx directly: cheaper than saved variables.
+        ctx.intermediates = (a, b, w_norm, c, psi, dpsi)
+        ctx.beta = beta
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, target = ctx.saved_tensors
+        a, b, w_norm, c, psi, dpsi = ctx.intermediates
+        inv = 1.0 / (1.0 + ctx.beta)
+        t = target.view(-1, 1)
+        g_y = grad_out.gather(1, t).squeeze(1)
+        d_p = (dpsi + ctx.beta) * inv
+        d_n = torch.addcmul(psi, c, dpsi, value=-1.0).mul_(inv)
+        grad = grad_out.scatter(1, t, (g_y * d_p).unsqueeze(1))  # dL/d(W x) with the target column replaced
+        s = g_y * d_n  # dL/dN, [B]
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.mm(weight)
+            grad_x.addcmul_((s * a / b.clamp_min(_NORM_EPS)).unsqueeze(1), x)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t().mm(x)
+            per_class = torch.zeros_like(w_norm).index_add_(0, target, s * b)
+            grad_w.addcmul_((per_class / w_norm.clamp_min(_NORM_EPS)).unsqueeze(1), weight)
+        return grad_x, grad_w, None, None, None
+
+
 class LSoftmaxLinear(nn.Module):
     """Bias-free linear classifier whose target logit gets the L-Softmax angular margin in training.
 
@@ -60,9 +113,15 @@ class LSoftmaxLinear(nn.Module):
         self.margin = margin
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_buffer("beta", torch.tensor(0.0))
-        # cos(j pi / m) for j = 1..m-1, descending: theta > j pi/m  <=>  cos theta < cos(j pi/m).
-        thresholds = [math.cos(j * math.pi / margin) for j in range(1, margin)]
+        # Thresholds cos(j pi/m), j = m-1..1, ascending. With i = bucketize(c, thresholds, right=True) the
+        # number of thresholds <= c, theta lies in [k pi/m, (k+1) pi/m] for k = m-1-i; the tables give
+        # (-1)^k and -2k by i, so no acos, floor or pow is needed.
+        thresholds = [math.cos(j * math.pi / margin) for j in range(margin - 1, 0, -1)]
+        ks = [margin - 1 - i for i in range(margin)]
         self.register_buffer("_thresholds", torch.tensor(thresholds, dtype=torch.float64), persistent=False)
+        self.register_buffer("_sign", torch.tensor([(-1.0) ** k for k in ks], dtype=torch.float64), persistent=False)
+        self.register_buffer("_offset", torch.tensor([-2.0 * k for k in ks], dtype=torch.float64), persistent=False)
+        self._table_cache: dict = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -71,29 +130,46 @@ class LSoftmaxLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, margin={self.margin}"
 
+    def psi_and_derivative(self, cos_theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(psi(c), d psi / d c) with psi = (-1)^k T_m(c) - 2k and T_m' = m U_{m-1}.
+
+        U_n by U_{n+1} = 2c U_n - U_{n-1} (U_0 = 1, U_1 = 2c), then T_m = c U_{m-1} - U_{m-2}.
+        """
+        m, c = self.margin, cos_theta
+        if m == 1:
+            return c, torch.ones_like(c)
+        thresholds, sign_table, offset_table = self._tables(c)
+        i = torch.bucketize(c, thresholds, right=True)
+        sign = sign_table.index_select(0, i)
+        offset = offset_table.index_select(0, i)
+        two_c = c + c
+        u_prev, u = None, two_c  # U_0 = 1 is kept implicit to save an op
+        for _ in range(m - 2):
+            nxt = two_c * u - 1.0 if u_prev is None else torch.addcmul(u_prev.neg(), two_c, u)
+            u_prev, u = u, nxt
+        t_m = (c * u - 1.0) if u_prev is None else torch.addcmul(u_prev.neg(), c, u)
+        return torch.addcmul(offset, sign, t_m), (sign * u).mul_(float(m))
+
+    def _tables(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The threshold/sign/offset buffers in `like`'s dtype and device, converted once and cached."""
+        key = (like.dtype, like.device)
+        cached = self._table_cache.get(key)
+        if cached is None or cached[0].device != self._thresholds.device:
+            cached = tuple(t.to(like.dtype) for t in (self._thresholds, self._sign, self._offset))
+            self._table_cache[key] = cached
+        return cached
+
     def psi(self, cos_theta: torch.Tensor) -> torch.Tensor:
         """psi(theta) = (-1)^k T_m(cos theta) - 2k, monotone decreasing on [0, pi], range [1-2m, 1]."""
-        m = self.margin
-        if m == 1:
-            return cos_theta
-        k = (cos_theta.unsqueeze(-1) < self._thresholds.to(cos_theta.dtype)).sum(-1).to(cos_theta.dtype)
-        sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (-1)^k without pow
-        return sign * chebyshev_cos_multiple(cos_theta, m) - 2.0 * k
+        return self.psi_and_derivative(cos_theta)[0]
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        logits = F.linear(x, self.weight)  # [B, C] = W x
         if not self.training or target is None or self.margin == 1:
             # m = 1: psi(theta) = cos(theta), so f_y = W_y^T x and the blend is the identity.
-            return logits
-        target = target.view(-1, 1)
-        plain_target = logits.gather(1, target).squeeze(1)  # W_y^T x, [B]
-        norm_product = self.weight.norm(dim=1)[target.squeeze(1)] * x.norm(dim=1)  # ||W_y|| ||x||, [B]
-        safe_norm = norm_product.clamp_min(_NORM_EPS)
-        cos_theta = (plain_target / safe_norm).clamp(-1.0, 1.0)
-        margin_target = norm_product * self.psi(cos_theta)
-        beta = self.beta.to(logits.dtype)
-        blended = (margin_target + beta * plain_target) / (1.0 + beta)
-        return logits.scatter(1, target, blended.unsqueeze(1))
+            return F.linear(x, self.weight)
+        if x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)
+        return _LSoftmaxFunction.apply(x, self.weight, target.reshape(-1), float(self.beta), self)
 
 
 class BetaSchedule:
