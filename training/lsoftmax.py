@@ -55,6 +55,7 @@ class _LSoftmaxFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # the margin needs fp32 under AMP
     def forward(ctx, x, weight, target, beta: float, layer: "LSoftmaxLinear"):
         logits = x.mm(weight.t())  # [B, C]
         t = target.view(-1, 1)
@@ -76,6 +77,7 @@ class _LSoftmaxFunction(torch.autograd.Function):
         return logits
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         x, weight, target = ctx.saved_tensors
         a, b, w_norm, c, psi, dpsi = ctx.intermediates
