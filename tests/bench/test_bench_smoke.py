@@ -1,0 +1,21 @@
+"""Quick runs of the benchmark scripts at tiny sizes, so they keep working (they assert no speed)."""
+
+from bench import layer as bench_layer
+from bench import train as bench_train
+
+
+def test_layer_bench_runs(capsys):
+    assert bench_layer.main(["--batch", "16", "--dim", "8", "--margins", "1,3", "--repeats", "1", "--iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 |" in out and "ours / plain" in out and "ours / PML" in out
+
+
+def test_layer_bench_rows_have_ratios():
+    rows = bench_layer.run(8, 4, 3, [2], __import__("torch").device("cpu"), repeats=1, iters=1, include_pml=False)
+    assert rows[0]["margin"] == 2 and rows[0]["vs_plain"] > 0 and "vs_pml" not in rows[0]
+
+
+def test_train_bench_runs(capsys):
+    assert bench_train.main(["--nets", "fast,vis", "--batch-size", "4", "--iters", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| fast | eager |" in out and "| vis | channels_last |" in out
