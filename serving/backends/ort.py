@@ -1,0 +1,73 @@
+"""ONNX Runtime backend: an InferenceSession on the repository's model.onnx.
+
+The CUDA execution provider is requested only when the server resolved the device to CUDA (a GPU is
+present) and this onnxruntime build offers it; `providers` reports what the session actually uses, since
+ONNX Runtime silently falls back to CPU when the CUDA provider cannot start.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from serving.backends.base import Backend
+from serving.errors import StartupError
+from serving.logs import log_event
+
+__all__ = ["OrtBackend"]
+
+logger = logging.getLogger("serving.backends.ort")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+class OrtBackend(Backend):
+    kind = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: str = "cpu", strict: bool = False,
+                 input_name: str = "image", output_names: tuple[str, str] = ("logits", "embedding")) -> None:
+        """device: "cuda" or "cpu" as resolved; strict: fail (instead of falling back to CPU) when CUDA
+        was asked for explicitly but ONNX Runtime cannot use it."""
+        import onnxruntime as ort
+
+        wanted = [CPU_PROVIDER]
+        if device == "cuda":
+            if CUDA_PROVIDER in ort.get_available_providers():
+                wanted = [CUDA_PROVIDER, CPU_PROVIDER]
+            elif strict:
+                raise StartupError(f"--device cuda: this onnxruntime build has no {CUDA_PROVIDER} "
+                                   f"(available: {', '.join(ort.get_available_providers())})")
+            else:
+                log_event(logger, logging.WARNING, "onnxruntime_cuda_unavailable", fallback="cpu",
+                          available=ort.get_available_providers())
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only; the CUDA fallback is reported through `providers`
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+        except Exception as exc:
+            raise StartupError(f"{path}: cannot load ONNX model ({str(exc).strip().splitlines()[0]})") from exc
+        self.providers = tuple(self._session.get_providers())
+        if device == "cuda" and CUDA_PROVIDER not in self.providers:
+            if strict:
+                raise StartupError(f"--device cuda: onnxruntime could not start {CUDA_PROVIDER} "
+                                   f"(session uses {', '.join(self.providers)})")
+            log_event(logger, logging.WARNING, "onnxruntime_cuda_fallback", providers=list(self.providers))
+        self.device = "cuda:0" if CUDA_PROVIDER in self.providers else "cpu"
+        inputs = {i.name: i.type for i in self._session.get_inputs()}
+        outputs = [o.name for o in self._session.get_outputs()]
+        if inputs.get(input_name) != "tensor(uint8)" or len(inputs) != 1:
+            raise StartupError(f"{path}: expected one input {input_name!r} of type tensor(uint8), found {inputs}")
+        missing = [name for name in output_names if name not in outputs]
+        if missing:
+            raise StartupError(f"{path}: graph lacks output(s) {missing}; it has {outputs}")
+        self._input = input_name
+        self._outputs = list(output_names)
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, embedding = self._session.run(self._outputs, {self._input: images})
+        return logits.astype(np.float32, copy=False), embedding.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self._session = None

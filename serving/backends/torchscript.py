@@ -1,0 +1,51 @@
+"""TorchScript backend: `torch.jit.load` of the repository's model.pt, run under inference mode.
+
+The exported module's forward(image uint8 [N, 1, 28, 28]) returns the tuple (logits, embedding).
+TorchScript is deprecated upstream but is what the repository ships (and what Triton's pytorch backend
+loads), so torch.jit.load's FutureWarning is silenced at load time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from serving.backends.base import Backend
+from serving.errors import StartupError
+
+__all__ = ["TorchScriptBackend"]
+
+
+class TorchScriptBackend(Backend):
+    kind = "torchscript"
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        import torch
+
+        self._torch = torch
+        self._device = torch.device("cuda:0" if device == "cuda" else "cpu")
+        self.device = str(self._device)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
+                self._module = torch.jit.load(str(path), map_location=self._device).eval()
+        except Exception as exc:
+            raise StartupError(f"{path}: cannot load TorchScript module ({str(exc).strip().splitlines()[0]})") from exc
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        if not images.flags.writeable:  # torch.from_numpy warns on read-only buffers
+            images = images.copy()
+        with torch.inference_mode():
+            out = self._module(torch.from_numpy(images).to(self._device))
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise RuntimeError(f"TorchScript forward returned {type(out).__name__}; expected (logits, embedding)")
+            logits, embedding = out
+            return logits.float().cpu().numpy(), embedding.float().cpu().numpy()
+
+    def close(self) -> None:
+        self._module = None
+        if self._device.type == "cuda":
+            self._torch.cuda.empty_cache()

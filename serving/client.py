@@ -1,0 +1,241 @@
+"""Client library for lsoftmax.v1.DigitService (command line: `python -m serving.client --help`).
+
+    from serving.client import Client
+    with Client("127.0.0.1:50051") as client:
+        client.wait_until_serving()
+        results = client.classify(["three.png", open("seven.jpg", "rb").read()], top_k=3)
+        results[0].label, results[0].probability, results[0].top_k
+        vectors = client.embed(uint8_digits)                 # float32 [N, D]
+        labels, probs = client.classify_array(uint8_digits)  # many images: batched, several requests in flight
+        client.info()                                        # dict: model, backend, device, manifest facts
+
+Images are file paths, encoded bytes (PNG, JPEG, ... — the server decodes and fits them), or uint8 numpy
+arrays in MNIST polarity (a [28,28] / [784] image, or a batch [N,28,28] / [N,784] / [N,1,28,28]) sent as
+raw pixels. Every call has a deadline (`timeout`, default 30 s) and is retried on UNAVAILABLE (server
+starting, restarting or briefly unreachable) with exponential backoff and jitter inside that deadline.
+Other errors surface as grpc.RpcError with the server's status code and details.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
+from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "Classification", "DEFAULT_ADDRESS", "image_messages", "ordered_map"]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+INVERT_CHOICES = ("auto", "never", "always")
+FIT_CHOICES = ("auto", "digit", "resize")
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: int
+    probability: float
+    top_k: list[tuple[int, float]]
+    logits: np.ndarray | None = None
+
+
+def _array_images(array: np.ndarray) -> list[pb.Image]:
+    if array.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 (MNIST polarity), got {array.dtype}")
+    if array.shape in ((28, 28), (784,), (1, 28, 28)):
+        array = array.reshape(1, 784)
+    elif array.ndim == 2 and array.shape[1] == 784 or array.ndim == 3 and array.shape[1:] == (28, 28) \
+            or array.ndim == 4 and array.shape[1:] == (1, 28, 28):
+        array = array.reshape(len(array), 784)
+    else:
+        raise ValueError(f"image array of shape {list(array.shape)}; expected [28,28], [784] or a batch "
+                         "[N,28,28], [N,784], [N,1,28,28]")
+    array = np.ascontiguousarray(array)
+    return [pb.Image(pixels=row.tobytes()) for row in array]
+
+
+def image_messages(images) -> list[pb.Image]:
+    """Paths, encoded bytes, uint8 arrays (one image or a batch), or a list of those → pb.Image list."""
+    if isinstance(images, np.ndarray):
+        return _array_images(images)
+    if isinstance(images, (bytes, bytearray, memoryview, str, os.PathLike)):
+        images = [images]
+    messages = []
+    for image in images:
+        if isinstance(image, pb.Image):
+            messages.append(image)
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            messages.append(pb.Image(encoded=bytes(image)))
+        elif isinstance(image, (str, os.PathLike)):
+            with open(image, "rb") as f:
+                messages.append(pb.Image(encoded=f.read()))
+        elif isinstance(image, np.ndarray):
+            messages.extend(_array_images(image))
+        else:
+            raise TypeError(f"cannot send {type(image).__name__} as an image; use a path, bytes or a uint8 array")
+    return messages
+
+
+def _options(invert: str, fit: str) -> pb.ImageOptions:
+    if invert not in INVERT_CHOICES or fit not in FIT_CHOICES:
+        raise ValueError(f"invert must be one of {INVERT_CHOICES} and fit one of {FIT_CHOICES}")
+    return pb.ImageOptions(invert=pb.Invert.Value(f"INVERT_{invert.upper()}"), fit=pb.Fit.Value(f"FIT_{fit.upper()}"))
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], concurrency: int = 4,
+                on_result: Callable[[T, R], None] | None = None) -> Iterator[R]:
+    """fn over items in `concurrency` threads with at most 2 x concurrency calls pending; yields results in
+    input order (on_result is called as each one completes, in order). The first error cancels the rest."""
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="client") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append((item, pool.submit(fn, item)))
+                while len(pending) >= 2 * max(1, concurrency):
+                    yield _finish(pending.popleft(), on_result)
+            while pending:
+                yield _finish(pending.popleft(), on_result)
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _finish(entry, on_result):
+    item, future = entry
+    result = future.result()
+    if on_result is not None:
+        on_result(item, result)
+    return result
+
+
+class Client:
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 30.0, retries: int = 5,
+                 initial_backoff: float = 0.1, max_backoff: float = 2.0,
+                 max_receive_bytes: int = 256 * 1024 * 1024) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", max_receive_bytes), ("grpc.max_send_message_length", -1)])
+        self._stub = pb_grpc.DigitServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, rpc, request, timeout: float | None):
+        """One unary call with an overall deadline, retried on UNAVAILABLE with jittered exponential backoff."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            try:
+                return rpc(request, timeout=max(deadline - time.monotonic(), 0.001))
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+                    raise
+                delay = min(self.max_backoff, self.initial_backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+                if time.monotonic() + delay >= deadline:
+                    raise
+                time.sleep(delay)
+                attempt += 1
+
+    def classify(self, images, *, top_k: int = 1, return_logits: bool = False, invert: str = "auto",
+                 fit: str = "auto", timeout: float | None = None) -> list[Classification]:
+        """One request; returns one Classification per image, in order."""
+        request = pb.ClassifyRequest(images=image_messages(images), top_k=top_k, return_logits=return_logits,
+                                     options=_options(invert, fit))
+        response = self._call(self._stub.Classify, request, timeout)
+        return [Classification(label=r.label, probability=r.probability,
+                               top_k=[(s.label, s.probability) for s in r.top_k],
+                               logits=np.asarray(r.logits, np.float32) if return_logits else None)
+                for r in response.results]
+
+    def embed(self, images, *, l2_normalize: bool = False, invert: str = "auto", fit: str = "auto",
+              timeout: float | None = None) -> np.ndarray:
+        """One request; returns float32 [N, D]."""
+        request = pb.EmbedRequest(images=image_messages(images), l2_normalize=l2_normalize,
+                                  options=_options(invert, fit))
+        response = self._call(self._stub.Embed, request, timeout)
+        if not response.embeddings:
+            return np.zeros((0, response.dim), np.float32)
+        return np.asarray([e.values for e in response.embeddings], np.float32).reshape(-1, response.dim)
+
+    def info(self, timeout: float | None = None) -> dict:
+        """GetModelInfo as a dict (proto field names), with the manifest parsed under "manifest"."""
+        response = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+        info = json_format.MessageToDict(response, preserving_proto_field_name=True)
+        info["manifest"] = json.loads(info.pop("manifest_json", "{}"))
+        return info
+
+    def wait_until_serving(self, timeout: float = 30.0, service: str = "") -> None:
+        """Poll grpc.health.v1 until `service` is SERVING; TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                reply = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                           timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as err:
+                last = f"{err.code().name}: {err.details()}"
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.address} not SERVING after {timeout:.0f} s (last: {last})")
+
+    @staticmethod
+    def _batches(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        if images.ndim == 2 and images.shape[1] == 784 or images.ndim == 4 and images.shape[1:] == (1, 28, 28):
+            images = images.reshape(len(images), 28, 28)
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise ValueError(f"expected a batch [N,28,28], [N,784] or [N,1,28,28], got {list(images.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+
+    def classify_array(self, images: np.ndarray, *, batch_size: int = 256, concurrency: int = 4,
+                       progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [N,28,28] (or [N,784], [N,1,28,28]) → (labels int64 [N], probabilities float32 [N]),
+        sent in batches with `concurrency` requests in flight; progress(n) is called per finished batch."""
+        labels, probabilities = [], []
+        done = (lambda batch, _: progress(len(batch))) if progress else None
+        for results in ordered_map(self.classify, self._batches(images, batch_size), concurrency, done):
+            labels.extend(r.label for r in results)
+            probabilities.extend(r.probability for r in results)
+        return np.asarray(labels, np.int64), np.asarray(probabilities, np.float32)
+
+    def embed_array(self, images: np.ndarray, *, batch_size: int = 256, concurrency: int = 4,
+                    l2_normalize: bool = False, progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """uint8 [N,28,28] (or [N,784], [N,1,28,28]) → float32 [N, D], batched like classify_array."""
+        done = (lambda batch, _: progress(len(batch))) if progress else None
+        embed = lambda batch: self.embed(batch, l2_normalize=l2_normalize)  # noqa: E731
+        parts = list(ordered_map(embed, self._batches(images, batch_size), concurrency, done))
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+if __name__ == "__main__":
+    from serving.client_cli import get_args_parser, main
+
+    sys.exit(main(get_args_parser().parse_args()))

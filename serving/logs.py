@@ -1,0 +1,61 @@
+"""Structured logging for the server: one JSON object per line on stderr (or `key=value` text).
+
+    from serving.logs import configure_logging, log_event
+    configure_logging("info", "json")
+    log_event(logger, logging.INFO, "ready", address="127.0.0.1:50051")
+    → {"ts": "2026-11-28T19:30:00.123Z", "level": "info", "logger": "serving", "event": "ready", "address": ...}
+
+Fields travel in the record's `fields` attribute, so they never collide with LogRecord's own attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+__all__ = ["configure_logging", "log_event", "LOG_LEVELS"]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def log_event(logger: logging.Logger, level: int, event: str, **fields) -> None:
+    """Log `event` with structured fields (cheap no-op when the level is disabled)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={"fields": fields})
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name,
+                 "event": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in getattr(record, "fields", {}).items())
+        line = f"{_timestamp(record)} {record.levelname.lower():7s} {record.getMessage()} {fields}".rstrip()
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
+    """Route all logging to stderr with the chosen format; idempotent. `level` applies to the `serving`
+    loggers; other libraries (asyncio, grpc) log at info and above only, so debug stays one line per request."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    numeric = getattr(logging, level.upper())
+    root.setLevel(max(numeric, logging.INFO))
+    logging.getLogger("serving").setLevel(numeric)

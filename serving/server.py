@@ -1,0 +1,217 @@
+"""The gRPC server: `python -m serving --model-repository REPO [--backend onnx|torchscript] [--port 50051] ...`
+
+Models: --model NAME or --backend onnx|torchscript serves that one model; without either, every model of
+the repository is loaded (KServe answers for each) and the typed lsoftmax.v1 API serves the ONNX one.
+Lifecycle (grpc.aio, one asyncio event loop):
+1. read manifest.json, choose the models, verify their sha256 (a mismatch exits 1 before anything binds);
+2. bind host:port (--port 0 picks a free port; the `listening` log line says which) and start answering:
+   health is NOT_SERVING and inference calls answer UNAVAILABLE while
+3. each backend loads and warms up in a worker thread; then health turns SERVING and `ready` is logged;
+4. SIGTERM/SIGINT: health NOT_SERVING, stop accepting calls, let in-flight calls finish within
+   --grace-seconds, release the model, exit 0 (a second signal cuts the grace short).
+Services: lsoftmax.v1.DigitService, inference.GRPCInferenceService (KServe v2), grpc.health.v1.Health
+("" and both service names), server reflection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from PIL import Image
+
+from serving._proto.inference import grpc_service_pb2_grpc as kserve_grpc
+from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
+from serving.backends import BACKENDS, DEVICES, load_backend
+from serving.errors import StartupError
+from serving.health import SERVING, HealthServicer
+from serving.images import DEFAULT_MAX_IMAGE_PIXELS
+from serving.interceptors import BoundaryInterceptor
+from serving.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from serving.kserve import KServeServicer
+from serving.logs import LOG_LEVELS, configure_logging, log_event
+from serving.repository import Manifest, ModelEntry, read_manifest, verify_sha256
+from serving.runner import ModelRunner
+from serving.servicer import SERVICE_NAME, DigitServicer, Limits
+
+__all__ = ["get_args_parser", "main", "serve"]
+
+logger = logging.getLogger("serving")
+
+
+def _positive(kind, maximum=None):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0 or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be > 0{f' and <= {maximum}' if maximum else ''}, got {text}")
+        return value
+    return parse
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    limits = Limits()
+    p = argparse.ArgumentParser(prog="python -m serving", description="Serve an exported L-Softmax MNIST model over gRPC.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-repository", required=True, help="model repository written by `python -m export`")
+    p.add_argument("--model", default=None,
+                   help="serve only this model directory (default: all; the typed API serves the ONNX one)")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default=None,
+                   help="serve only the repository's model of this format (default: all)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when a GPU is present, else CPU")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (see the `listening` log line)")
+    p.add_argument("--max-images-per-request", type=_positive(int), default=limits.max_images_per_request,
+                   help="more images in one request → RESOURCE_EXHAUSTED")
+    p.add_argument("--max-message-bytes", type=_positive(int, 2**31 - 1), default=limits.max_message_bytes,
+                   help="largest request message accepted (gRPC answers RESOURCE_EXHAUSTED beyond it)")
+    p.add_argument("--max-image-pixels", type=_positive(int), default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="largest declared width x height of an encoded image → INVALID_ARGUMENT beyond it")
+    p.add_argument("--decode-threads", type=_positive(int), default=min(2, os.cpu_count() or 1),
+                   help="threads decoding encoded images")
+    p.add_argument("--grace-seconds", type=float, default=10.0, help="time in-flight calls get to finish on SIGTERM")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="debug logs one line per request")
+    p.add_argument("--log-format", choices=("json", "text"), default="json", help="json: one object per line")
+    return p
+
+
+def _load(entry: ModelEntry, manifest: Manifest, device: str, warmup_batch: int) -> tuple[ModelRunner, dict]:
+    """Runs in a worker thread: load the graph, warm it up, check it against the manifest."""
+    start = time.perf_counter()
+    backend = load_backend(entry.kind, entry.path, device)
+    loaded = time.perf_counter()
+    classes, dim = backend.warmup(batch_sizes=(1, warmup_batch))
+    if (classes, dim) != (manifest.num_classes, manifest.embedding_dim):
+        backend.close()
+        raise StartupError(f"{entry.path}: the graph outputs {classes} logits and a {dim}-D embedding, the manifest "
+                           f"says {manifest.num_classes} and {manifest.embedding_dim}")
+    timing = {"load_s": round(loaded - start, 3), "warmup_s": round(time.perf_counter() - loaded, 3)}
+    return ModelRunner(backend, entry, manifest), timing
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int) -> str:
+    """Bind host:port (IPv6 literals bracketed); returns the bound address with the real port."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise StartupError(f"cannot bind {host}:{port} ({exc})") from None
+    return f"{host}:{bound}"
+
+
+class _Shutdown:
+    """SIGTERM/SIGINT → `event`; a second signal stops the server at once instead of after the grace period."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.event = asyncio.Event()
+        self.server: grpc.aio.Server | None = None
+        self._count = 0
+        self._loop = loop
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        self._count += 1
+        log_event(logger, logging.INFO, "signal", signal=signal.Signals(signum).name, count=self._count)
+        self.event.set()
+        if self._count > 1 and self.server is not None:
+            self._loop.create_task(self.server.stop(0))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
+    loop = asyncio.get_running_loop()
+    shutdown = _Shutdown(loop)
+
+    manifest = read_manifest(args.model_repository)
+    served = manifest.served(args.model, args.backend)
+    typed_model = manifest.select(args.model, args.backend)
+    for entry in served:
+        verify_sha256(entry)
+
+    limits = Limits(args.max_images_per_request, args.max_message_bytes, args.max_image_pixels)
+    decode_pool = ThreadPoolExecutor(max_workers=args.decode_threads, thread_name_prefix="decode")
+    runners: dict[str, ModelRunner] = {}  # filled as each model is loaded and warm; read by both APIs
+    health = HealthServicer([SERVICE_NAME, KSERVE_SERVICE_NAME])
+    server = grpc.aio.server(
+        interceptors=[BoundaryInterceptor()],
+        options=[("grpc.max_receive_message_length", args.max_message_bytes),
+                 ("grpc.max_send_message_length", -1),
+                 ("grpc.so_reuseport", 0)],  # a busy port is an error, not a silently shared one
+    )
+    shutdown.server = server
+    pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(runners, typed_model.name, limits, decode_pool), server)
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeServicer(runners, [e.name for e in served], manifest, limits.max_images_per_request), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, KSERVE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    address = _bind(server, args.host, args.port)
+    await server.start()
+    log_event(logger, logging.INFO, "listening", address=address, port=int(address.rsplit(":", 1)[1]),
+              pid=os.getpid(), models=[e.name for e in served], health="NOT_SERVING")
+
+    loading = None
+    try:
+        waiter = asyncio.ensure_future(shutdown.event.wait())
+        for entry in served:
+            loading = loop.run_in_executor(None, _load, entry, manifest, args.device,
+                                           min(8, args.max_images_per_request))
+            await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
+            if shutdown.event.is_set():
+                break
+            runner, timing = await loading
+            runners[entry.name] = runner
+            log_event(logger, logging.INFO, "model_ready", model=entry.name, version=entry.version,
+                      backend=runner.backend.kind, device=runner.backend.device,
+                      providers=list(runner.backend.providers), **timing)
+        if not shutdown.event.is_set():
+            await health.set_all(SERVING)
+            typed = runners[typed_model.name].backend
+            log_event(logger, logging.INFO, "ready", address=address, port=int(address.rsplit(":", 1)[1]),
+                      models=sorted(runners), model=typed_model.name, backend=typed.kind, device=typed.device,
+                      providers=list(typed.providers), net=manifest.net, margin=manifest.margin,
+                      embedding_dim=manifest.embedding_dim, test_accuracy=manifest.test_accuracy,
+                      max_images_per_request=limits.max_images_per_request,
+                      max_message_bytes=limits.max_message_bytes)
+            await shutdown.event.wait()
+        waiter.cancel()
+    finally:
+        log_event(logger, logging.INFO, "stopping", grace_seconds=args.grace_seconds)
+        await health.enter_graceful_shutdown()
+        await server.stop(args.grace_seconds)
+        decode_pool.shutdown(wait=True, cancel_futures=True)
+        if loading is not None and not loading.done():
+            late, _ = await loading  # a signal arrived while loading: let the thread finish, then release
+            late.close()
+        for runner in runners.values():
+            runner.close()
+    log_event(logger, logging.INFO, "stopped")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.log_format)
+    # We reject oversized images ourselves (serving.images) before decoding; Pillow's warning is noise.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    try:
+        return asyncio.run(serve(args))
+    except StartupError as exc:
+        log_event(logger, logging.ERROR, "startup_failed", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,99 @@
+"""lsoftmax.v1.DigitService: Classify, Embed, GetModelInfo. Thin: validate → backend → response.
+
+Errors are raised as serving.errors types and mapped to status codes by serving.interceptors; the
+servicer never touches status codes itself. Image decoding (serving.images) runs in a small thread pool
+when a request carries encoded images; all-raw batches are reshaped inline (microseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from serving import postprocess
+from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
+from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
+from serving.errors import InvalidInput, LimitExceeded, NotReady
+from serving.images import DEFAULT_MAX_IMAGE_PIXELS, decode_batch
+from serving.runner import ModelRunner
+
+__all__ = ["DigitServicer", "Limits", "SERVICE_NAME"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DigitService"].full_name
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images_per_request: int = 256
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+
+class DigitServicer(pb_grpc.DigitServiceServicer):
+    def __init__(self, runners: Mapping[str, ModelRunner], model_name: str, limits: Limits,
+                 decode_pool: Executor) -> None:
+        """runners: the server's loaded models by name, filled in as each is loaded and warm (shared with
+        the KServe servicer); model_name: the one this API serves."""
+        self.limits = limits
+        self.model_name = model_name
+        self._runners = runners
+        self._decode_pool = decode_pool
+
+    def _ready(self) -> ModelRunner:
+        runner = self._runners.get(self.model_name)
+        if runner is None:
+            raise NotReady(f"model {self.model_name!r} is not loaded yet; retry shortly")
+        return runner
+
+    async def _images(self, images, options: pb.ImageOptions) -> np.ndarray:
+        if len(images) > self.limits.max_images_per_request:
+            raise LimitExceeded(f"{len(images)} images in one request; this server accepts at most "
+                                f"{self.limits.max_images_per_request} (--max-images-per-request)")
+        items = [(image.WhichOneof("data"), image.encoded or image.pixels) for image in images]
+        args = (items, options.invert, options.fit, self.limits.max_image_pixels)
+        if any(kind != "pixels" for kind, _ in items):
+            return await asyncio.get_running_loop().run_in_executor(self._decode_pool, decode_batch, *args)
+        return decode_batch(*args)
+
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        runner = self._ready()
+        num_classes = runner.manifest.num_classes
+        k = request.top_k or 1
+        if k > num_classes:
+            raise InvalidInput(f"top_k must be between 1 and {num_classes}, got {request.top_k}")
+        batch = await self._images(request.images, request.options)
+        logits, _ = await runner.infer(batch)
+        probabilities = postprocess.softmax(logits)
+        labels, scores = postprocess.top_k(probabilities, k)
+        results = []
+        for i in range(len(batch)):
+            top = [pb.ClassScore(label=int(label), probability=float(p)) for label, p in zip(labels[i], scores[i])]
+            results.append(pb.Classification(label=top[0].label, probability=top[0].probability, top_k=top,
+                                             logits=logits[i].tolist() if request.return_logits else ()))
+        return pb.ClassifyResponse(results=results, model_name=runner.name, model_version=runner.version)
+
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        runner = self._ready()
+        batch = await self._images(request.images, request.options)
+        _, embedding = await runner.infer(batch)
+        if request.l2_normalize:
+            embedding = postprocess.l2_normalize(embedding)
+        return pb.EmbedResponse(embeddings=[pb.Embedding(values=row) for row in embedding.tolist()],
+                                dim=embedding.shape[1], model_name=runner.name, model_version=runner.version)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
+        runner = self._ready()
+        manifest, entry, backend = runner.manifest, runner.entry, runner.backend
+        return pb.GetModelInfoResponse(
+            model_name=entry.name, model_version=entry.version, net=manifest.net, margin=manifest.margin,
+            num_classes=manifest.num_classes, embedding_dim=manifest.embedding_dim,
+            test_accuracy=manifest.test_accuracy, model_sha256=entry.sha256, backend=backend.kind,
+            device=backend.device, onnx_providers=list(backend.providers),
+            max_images_per_request=self.limits.max_images_per_request,
+            max_message_bytes=self.limits.max_message_bytes, manifest_json=json.dumps(manifest.raw, sort_keys=True),
+        )

@@ -1,0 +1,186 @@
+"""Shared serving fixtures: a tiny exported model repository, real servers in subprocesses, references.
+
+- `model_repository` (session): `export.repository.export_repository` on the tiny `fast` checkpoint, verified
+  on 64 synthetic digits (no MNIST needed).
+- `ServerProcess`: `python -m serving ... --port 0 --log-format json --log-level debug` in a subprocess; its
+  stderr is parsed line by line so tests wait on log events (`listening`, `ready`, `stopped`) and read the
+  port the server picked. Never a hard-coded port.
+- `onnx_server` (session): one ONNX server shared by the gRPC and client tests, with small limits so the
+  limit tests stay cheap.
+- `reference_outputs`: the exported graph run in-process (onnxruntime / torch.jit.load), the independent
+  answer the server's results are compared with.
+tritonclient's generated `inference.*` messages clash with ours in one process: no test imports
+serving._proto.inference (or serving.server / serving.kserve) in the pytest process; servers run in subprocesses.
+Test modules cannot import this file by name (tests/conftest.py owns that name), so the helpers reach them
+through the `helpers` fixture: `helpers.ServerProcess`, `helpers.png_bytes`, `helpers.reference_outputs`, ...
+Run: .venv/bin/python -m pytest tests/serving -q
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from support import synthetic_digits
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SERVER_LIMITS = ("--max-images-per-request", "64", "--max-message-bytes", str(2 * 1024 * 1024))
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory, tiny_checkpoint) -> Path:
+    import torch
+
+    from export.repository import export_repository
+
+    images, labels = synthetic_digits(64, seed=3)
+    out = tmp_path_factory.mktemp("serving") / "repo"
+    export_repository(tiny_checkpoint, out, images=torch.from_numpy(images).unsqueeze(1),
+                      labels=torch.from_numpy(labels).long(), log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [32, 28, 28] synthetic digits (MNIST polarity) and their labels."""
+    return synthetic_digits(32, seed=11)
+
+
+def png_bytes(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(array)
+    if mode is not None:
+        image = image.convert(mode)
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def reference_outputs(repository: Path, kind: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, embedding) of the exported graph run in this process, CPU; images uint8 [N,28,28]."""
+    batch = np.ascontiguousarray(images.reshape(-1, 1, 28, 28))
+    if kind == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(repository / "lsoftmax_mnist_onnx/1/model.onnx"),
+                                       providers=["CPUExecutionProvider"])
+        logits, embedding = session.run(["logits", "embedding"], {"image": batch})
+        return logits, embedding
+    import torch
+
+    module = torch.jit.load(str(repository / "lsoftmax_mnist_torchscript/1/model.pt"), map_location="cpu").eval()
+    with torch.inference_mode():
+        logits, embedding = module(torch.from_numpy(batch))
+    return logits.numpy(), embedding.numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class ServerProcess:
+    """`python -m serving` in a subprocess, with its JSON log lines collected as they arrive."""
+
+    def __init__(self, repository: Path, *args: str) -> None:
+        cmd = [sys.executable, "-m", "serving", "--model-repository", str(repository), "--port", "0",
+               "--log-format", "json", "--log-level", "debug", *args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.records: list[dict] = []
+        self.lines: list[str] = []
+        self._events: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.address: str | None = None
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.records.append(record)
+            self._events.put(record)
+        self._events.put(None)  # EOF
+
+    def wait_for(self, event: str, timeout: float = 60.0) -> dict:
+        """Block until the server logs `event`; AssertionError with the log if it exits or times out first."""
+        for record in self.records:
+            if record.get("event") == event:
+                return record
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                record = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {event!r} within {timeout} s; log:\n" + "\n".join(self.lines)) from None
+            if record is None:
+                raise AssertionError(f"server exited ({self.proc.wait()}) before {event!r}; log:\n" + "\n".join(self.lines))
+            if record.get("event") == event:
+                if event == "listening":
+                    self.address = record["address"]
+                return record
+
+    def start(self, timeout: float = 60.0) -> "ServerProcess":
+        self.address = self.wait_for("listening", timeout)["address"]
+        self.wait_for("ready", timeout)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._reader.join(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def helpers() -> SimpleNamespace:
+    return SimpleNamespace(ServerProcess=ServerProcess, png_bytes=png_bytes, reference_outputs=reference_outputs,
+                           softmax=softmax, SERVER_LIMITS=SERVER_LIMITS, PROJECT_ROOT=PROJECT_ROOT)
+
+
+@pytest.fixture(scope="session")
+def onnx_server(model_repository):
+    server = ServerProcess(model_repository, "--backend", "onnx", "--device", "cpu", *SERVER_LIMITS).start()
+    yield server
+    try:
+        server.stop()
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
+def channel(onnx_server):
+    import grpc
+
+    with grpc.insecure_channel(onnx_server.address, options=[("grpc.max_send_message_length", -1)]) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel):
+    from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc
+
+    return digit_service_pb2_grpc.DigitServiceStub(channel)

@@ -1,0 +1,113 @@
+"""The client library (serving.client): image conversion, retries on UNAVAILABLE within the deadline, and
+classify / embed / info / batched arrays against the session's ONNX server.
+Run: .venv/bin/python -m pytest tests/serving/test_serving_client.py -q"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.client import Client, image_messages, ordered_map
+
+
+class _Unavailable(grpc.RpcError):
+    def __init__(self, code=grpc.StatusCode.UNAVAILABLE):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return "fake"
+
+
+def test_image_messages_accepts_paths_bytes_and_arrays(tmp_path, digits, helpers):
+    images, _ = digits
+    path = tmp_path / "d.png"
+    path.write_bytes(helpers.png_bytes(images[0]))
+    messages = image_messages([str(path), path, helpers.png_bytes(images[1]), images[2], images[3].reshape(784)])
+    assert [m.WhichOneof("data") for m in messages] == ["encoded"] * 3 + ["pixels"] * 2
+    assert messages[3].pixels == images[2].tobytes()
+    assert len(image_messages(images)) == len(images)  # a batch array
+    assert len(image_messages(images.reshape(-1, 1, 28, 28))) == len(images)
+    with pytest.raises(ValueError, match="uint8"):
+        image_messages(images.astype(np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        image_messages(np.zeros((5, 27, 27), np.uint8))
+    with pytest.raises(TypeError):
+        image_messages([3.14])
+
+
+def test_retries_unavailable_with_backoff_then_succeeds():
+    client = Client("127.0.0.1:1", initial_backoff=0.01, max_backoff=0.02)
+    calls = []
+
+    def flaky(request, timeout):
+        calls.append(timeout)
+        if len(calls) < 3:
+            raise _Unavailable()
+        return "answer"
+
+    assert client._call(flaky, None, timeout=5) == "answer"
+    assert len(calls) == 3 and all(0 < t <= 5 for t in calls) and calls[0] > calls[-1]
+
+
+def test_other_errors_are_not_retried():
+    client = Client("127.0.0.1:1", initial_backoff=0.01)
+    calls = []
+
+    def invalid(request, timeout):
+        calls.append(1)
+        raise _Unavailable(grpc.StatusCode.INVALID_ARGUMENT)
+
+    with pytest.raises(grpc.RpcError):
+        client._call(invalid, None, timeout=5)
+    assert len(calls) == 1
+
+
+def test_gives_up_within_the_deadline_when_nobody_listens(digits):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with Client(f"127.0.0.1:{port}", timeout=1.0, retries=10, initial_backoff=0.05) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            client.classify(digits[0][:1])
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert time.monotonic() - start < 3.0
+
+
+def test_classify_embed_info_against_the_server(onnx_server, digits, model_repository, helpers):
+    images, _ = digits
+    logits, embedding = helpers.reference_outputs(model_repository, "onnx", images)
+    with Client(onnx_server.address, timeout=10) as client:
+        client.wait_until_serving(timeout=5)
+        results = client.classify(images[:5], top_k=2, return_logits=True)
+        assert [r.label for r in results] == logits[:5].argmax(1).tolist()
+        assert all(len(r.top_k) == 2 and r.top_k[0][0] == r.label for r in results)
+        np.testing.assert_allclose(np.stack([r.logits for r in results]), logits[:5], atol=1e-5)
+        vectors = client.embed(images[:5])
+        assert vectors.shape == (5, 128) and vectors.dtype == np.float32
+        np.testing.assert_allclose(vectors, embedding[:5], atol=1e-5, rtol=1e-5)
+        info = client.info()
+        assert info["backend"] == "onnxruntime" and info["manifest"]["net"] == "fast"
+        labels, probabilities = client.classify_array(images, batch_size=7, concurrency=3)
+        assert labels.tolist() == logits.argmax(1).tolist() and probabilities.shape == (len(images),)
+        seen = []
+        all_vectors = client.embed_array(images, batch_size=5, concurrency=2, progress=seen.append)
+        np.testing.assert_allclose(all_vectors, embedding, atol=1e-5, rtol=1e-5)
+        assert sum(seen) == len(images)
+
+
+def test_ordered_map_keeps_order_and_bounds_pending():
+    def slow_square(x):
+        time.sleep(0.01 * (x % 3))
+        return x * x
+
+    assert list(ordered_map(slow_square, range(20), concurrency=4)) == [x * x for x in range(20)]
+    with pytest.raises(ZeroDivisionError):
+        list(ordered_map(lambda x: 1 // (x - 5), range(10), concurrency=2))

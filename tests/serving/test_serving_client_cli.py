@@ -1,0 +1,161 @@
+"""`python -m serving.client` and `python -m serving.probe` against the session's ONNX server: classify (text and
+--json), embed from a folder and from .npy (atomic output + sidecar), evaluate from .npy and IDX, info, errors
+naming the file, and the container health probe.
+Most cases call the CLI's main() in-process (fast); one runs the real `python -m serving.client`.
+Run: .venv/bin/python -m pytest tests/serving/test_serving_client_cli.py -q"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from serving.client_cli import get_args_parser, main
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(get_args_parser().parse_args(list(argv)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, digits, helpers):
+    """digits as PNG files, in ImageFolder layout: LABEL/NNN.png (plus one loose, unlabelled file)."""
+    root = tmp_path_factory.mktemp("images")
+    images, labels = digits
+    paths = []
+    for i, (image, label) in enumerate(zip(images[:12], labels[:12])):
+        (root / str(label)).mkdir(exist_ok=True)
+        path = root / str(label) / f"{i:03d}.png"
+        path.write_bytes(helpers.png_bytes(image))
+        paths.append(path)
+    (root / "loose.png").write_bytes(helpers.png_bytes(images[12]))
+    (root / "notes.txt").write_text("not an image")
+    return root, paths
+
+
+def test_classify_text_and_json(capsys, onnx_server, image_folder, digits, model_repository, helpers):
+    _, paths = image_folder
+    logits, _ = helpers.reference_outputs(model_repository, "onnx", digits[0][:4])
+    files = [str(p) for p in paths[:4]]
+    code, out, _ = _cli(capsys, "classify", "--server", onnx_server.address, *files)
+    assert code == 0
+    lines = [line.split("\t") for line in out.strip().splitlines()]
+    assert [line[0] for line in lines] == files
+    assert [int(line[1]) for line in lines] == logits.argmax(1).tolist()
+    assert all(0.0 < float(line[2]) <= 1.0 for line in lines)
+
+    code, out, _ = _cli(capsys, "classify", "--server", onnx_server.address, "--json", "--top-k", "3", *files)
+    rows = json.loads(out)
+    assert code == 0 and [row["file"] for row in rows] == files
+    probabilities = helpers.softmax(logits)
+    for row, p in zip(rows, probabilities):
+        assert row["label"] == int(p.argmax()) and row["probability"] == pytest.approx(float(p.max()), abs=1e-5)
+        assert [t["label"] for t in row["top_k"]] == np.argsort(-p, kind="stable")[:3].tolist()
+
+
+def test_classify_names_the_bad_file(capsys, onnx_server, image_folder, tmp_path):
+    _, paths = image_folder
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(paths[0].read_bytes()[:60])
+    code, out, err = _cli(capsys, "classify", "--server", onnx_server.address, str(paths[0]), str(broken))
+    assert code == 1 and out == "" and f"error: {broken}: corrupt or truncated" in err
+    code, _, err = _cli(capsys, "classify", "--server", onnx_server.address, str(tmp_path / "missing.png"))
+    assert code == 1 and "no such file" in err
+
+
+def test_embed_folder_writes_array_and_sidecar(capsys, onnx_server, image_folder, digits, model_repository, helpers,
+                                               tmp_path):
+    root, _ = image_folder
+    out = tmp_path / "folder_embeddings.npy"
+    code, _, err = _cli(capsys, "embed", "--server", onnx_server.address, "--input", str(root), "--output", str(out),
+                        "--batch-size", "5", "--concurrency", "3")
+    assert code == 0, err
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    vectors = np.load(out)
+    assert vectors.shape == (13, 128) and sidecar["count"] == 13 and sidecar["dim"] == 128
+    assert sidecar["model"]["model_name"] == "lsoftmax_mnist_onnx"
+    assert sidecar["ids"][-1] == "loose.png" and sidecar["labels"][-1] is None
+    images, labels = digits
+    order = [int(i.split("/")[1][:3]) for i in sidecar["ids"][:-1]]  # "LABEL/NNN.png"
+    assert sidecar["labels"][:-1] == [int(labels[i]) for i in order]
+    _, embedding = helpers.reference_outputs(model_repository, "onnx", images[order])
+    np.testing.assert_allclose(vectors[:-1], embedding, atol=1e-5, rtol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder_embeddings.json", "folder_embeddings.npy"]
+
+
+def test_embed_npy_with_labels_and_normalisation(capsys, onnx_server, digits, tmp_path, model_repository, helpers):
+    images, labels = digits
+    np.save(tmp_path / "x.npy", images.reshape(-1, 784))
+    np.save(tmp_path / "y.npy", labels)
+    out = tmp_path / "emb.npy"
+    code, _, err = _cli(capsys, "embed", "--server", onnx_server.address, "--input", str(tmp_path / "x.npy"),
+                        "--labels", str(tmp_path / "y.npy"), "--output", str(out), "--l2-normalize", "--no-progress")
+    assert code == 0, err
+    vectors = np.load(out)
+    _, embedding = helpers.reference_outputs(model_repository, "onnx", images)
+    np.testing.assert_allclose(vectors, embedding / np.linalg.norm(embedding, axis=1, keepdims=True), atol=1e-5)
+    sidecar = json.loads((tmp_path / "emb.json").read_text())
+    assert sidecar["labels"] == labels.tolist() and sidecar["ids"] == [str(i) for i in range(len(images))]
+    assert sidecar["l2_normalized"] is True
+
+
+def test_embed_failure_leaves_no_output(capsys, onnx_server, tmp_path):
+    np.save(tmp_path / "bad.npy", np.zeros((4, 28, 28), np.float32))
+    out = tmp_path / "emb.npy"
+    code, _, err = _cli(capsys, "embed", "--server", onnx_server.address, "--input", str(tmp_path / "bad.npy"),
+                        "--output", str(out))
+    assert code == 1 and "must be uint8" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npy"]
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_evaluate_npy_and_idx(capsys, onnx_server, digits, tmp_path, model_repository, helpers):
+    images, labels = digits
+    logits, _ = helpers.reference_outputs(model_repository, "onnx", images)
+    expected = 100.0 * float((logits.argmax(1) == labels).mean())
+    np.save(tmp_path / "x.npy", images[:, None])
+    np.save(tmp_path / "y.npy", labels.astype(np.int64))
+    _write_idx(tmp_path / "x-idx3-ubyte", images)
+    _write_idx(tmp_path / "y-idx1-ubyte", labels)
+    for x, y in (("x.npy", "y.npy"), ("x-idx3-ubyte", "y-idx1-ubyte")):
+        code, out, err = _cli(capsys, "evaluate", "--server", onnx_server.address, "--input", str(tmp_path / x),
+                              "--labels", str(tmp_path / y), "--batch-size", "10", "--json", "--no-progress")
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["count"] == len(images) and result["accuracy"] == pytest.approx(expected)
+        assert result["manifest_test_accuracy"] == 12.5 and result["backend"] == "onnxruntime"
+    code, out, _ = _cli(capsys, "evaluate", "--server", onnx_server.address, "--input", str(tmp_path / "x.npy"),
+                        "--labels", str(tmp_path / "y.npy"), "--no-progress")
+    assert code == 0 and out.startswith(f"accuracy {expected:.2f}% (")
+
+
+def test_info_and_the_real_entry_point(capsys, onnx_server, image_folder, helpers):
+    code, out, _ = _cli(capsys, "info", "--server", onnx_server.address)
+    assert code == 0 and json.loads(out)["model_name"] == "lsoftmax_mnist_onnx"
+    _, paths = image_folder
+    result = subprocess.run([sys.executable, "-m", "serving.client", "classify", "--server", onnx_server.address,
+                             "--json", str(paths[0]), str(paths[1])], cwd=helpers.PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["file"] for r in rows] == [str(paths[0]), str(paths[1])]
+    assert all(set(r) >= {"file", "label", "probability"} for r in rows)
+
+
+def test_health_probe(onnx_server, helpers):
+    probe = [sys.executable, "-m", "serving.probe", "--timeout", "2"]
+    ok = subprocess.run([*probe, "--address", onnx_server.address], cwd=helpers.PROJECT_ROOT, capture_output=True,
+                        text=True, timeout=30)
+    assert ok.returncode == 0 and "SERVING" in ok.stdout
+    unknown = subprocess.run([*probe, "--address", onnx_server.address, "--service", "nope"],
+                             cwd=helpers.PROJECT_ROOT, capture_output=True, text=True, timeout=30)
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stdout

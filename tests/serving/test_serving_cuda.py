@@ -1,0 +1,68 @@
+"""GPU serving (marker `cuda`; skipped without a GPU): the TorchScript model served on CUDA answers as the CPU
+graph does, and the ONNX server on --device auto reports the execution provider it really uses.
+Run: .venv/bin/python -m pytest tests/serving/test_serving_cuda.py -q -m cuda"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
+from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_gpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+
+
+def _serve_and_classify(model_repository, helpers, images, *args):
+    server = helpers.ServerProcess(model_repository, *args).start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.DigitServiceStub(channel)
+            raw = [pb.Image(pixels=x.tobytes()) for x in images]
+            info = stub.GetModelInfo(pb.GetModelInfoRequest())
+            logits = np.array([r.logits for r in stub.Classify(pb.ClassifyRequest(images=raw, return_logits=True)).results])
+            embedding = np.array([e.values for e in stub.Embed(pb.EmbedRequest(images=raw)).embeddings])
+        assert server.stop() == 0
+        return info, logits, embedding
+    finally:
+        server.kill()
+
+
+def _agree(logits, embedding, ref_logits, ref_embedding):
+    # cuDNN may use TF32 convolutions: close, not bitwise equal.
+    np.testing.assert_allclose(logits, ref_logits, atol=5e-3, rtol=5e-3)
+    np.testing.assert_allclose(embedding, ref_embedding, atol=5e-3, rtol=5e-3)
+    top2 = np.sort(ref_logits, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-2
+    assert (logits.argmax(1) == ref_logits.argmax(1))[clear].all()
+
+
+def test_torchscript_on_cuda_matches_cpu(model_repository, helpers, digits):
+    images, _ = digits
+    info, logits, embedding = _serve_and_classify(model_repository, helpers, images, "--backend", "torchscript",
+                                                  "--device", "cuda")
+    assert (info.backend, info.device) == ("torchscript", "cuda:0")
+    _agree(logits, embedding, *helpers.reference_outputs(model_repository, "torchscript", images))
+
+
+def test_onnx_on_auto_reports_the_provider_it_uses(model_repository, helpers, digits):
+    import onnxruntime as ort
+
+    images, _ = digits
+    info, logits, embedding = _serve_and_classify(model_repository, helpers, images, "--backend", "onnx",
+                                                  "--device", "auto")
+    providers = list(info.onnx_providers)
+    assert providers[-1] == "CPUExecutionProvider"
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert providers[0] == "CUDAExecutionProvider" and info.device == "cuda:0", providers
+    else:
+        assert info.device == "cpu"
+    _agree(logits, embedding, *helpers.reference_outputs(model_repository, "onnx", images))

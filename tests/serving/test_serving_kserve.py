@@ -1,0 +1,177 @@
+"""KServe v2 (inference.GRPCInferenceService) checked with the real tritonclient against a server that loads
+every model of the repository. tritonclient's generated `inference.*` messages clash with ours in one
+process, so this process never imports serving._proto.inference: raw requests use tritonclient's own
+messages (same wire format), and our descriptors are compared with tritonclient's in subprocesses.
+Run: .venv/bin/python -m pytest tests/serving/test_serving_kserve.py -q"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import numpy as np
+import pytest
+
+from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
+from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
+
+tc = pytest.importorskip("tritonclient.grpc")
+from tritonclient.grpc import service_pb2 as triton_pb  # noqa: E402
+from tritonclient.grpc import service_pb2_grpc as triton_grpc  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+MODELS = ("lsoftmax_mnist_onnx", "lsoftmax_mnist_torchscript")
+
+_DUMP = textwrap.dedent("""
+    import importlib, json, sys
+    module = importlib.import_module(sys.argv[1])
+    out = {}
+    def visit(msg):
+        out[msg.full_name] = {f.name: [f.number, f.type, f.is_repeated,
+                                       f.message_type.full_name if f.message_type else None,
+                                       f.containing_oneof.name if f.containing_oneof else None] for f in msg.fields}
+        for nested in msg.nested_types:
+            visit(nested)
+    for msg in module.DESCRIPTOR.message_types_by_name.values():
+        visit(msg)
+    service = module.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    methods = {m.name: [m.input_type.full_name, m.output_type.full_name] for m in service.methods}
+    print(json.dumps({"messages": out, "methods": methods}))
+""")
+
+
+def _descriptors(module: str, cwd) -> dict:
+    return json.loads(subprocess.check_output([sys.executable, "-c", _DUMP, module], cwd=cwd, text=True))
+
+
+def test_our_proto_matches_the_public_protocol(helpers):
+    ours = _descriptors("serving._proto.inference.grpc_service_pb2", helpers.PROJECT_ROOT)
+    theirs = _descriptors("tritonclient.grpc.service_pb2", helpers.PROJECT_ROOT)
+    for name, fields in ours["messages"].items():
+        assert fields == {k: theirs["messages"][name][k] for k in fields}, name
+    assert ours["methods"] == {k: theirs["methods"][k] for k in ours["methods"]}
+    assert set(ours["methods"]) == {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+                                    "ModelInfer"}
+
+
+@pytest.fixture(scope="module")
+def all_models_server(model_repository, helpers):
+    server = helpers.ServerProcess(model_repository, "--device", "cpu", *helpers.SERVER_LIMITS).start()
+    yield server
+    try:
+        assert server.stop() == 0
+    except subprocess.TimeoutExpired:
+        server.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def triton(all_models_server):
+    client = tc.InferenceServerClient(all_models_server.address)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def raw_stub(all_models_server):
+    with grpc.insecure_channel(all_models_server.address) as channel:
+        yield triton_grpc.GRPCInferenceServiceStub(channel)
+
+
+def test_liveness_readiness_and_metadata(triton):
+    assert triton.is_server_live() and triton.is_server_ready()
+    for name in MODELS:
+        assert triton.is_model_ready(name) and triton.is_model_ready(name, "1")
+    assert not triton.is_model_ready(MODELS[0], "2")
+    assert not triton.is_model_ready("no_such_model")
+    assert triton.get_server_metadata(as_json=True)["name"] == "lsoftmax-serve"
+    meta = triton.get_model_metadata(MODELS[0], as_json=True)
+    assert meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["1"]
+    assert meta["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": ["-1", "1", "28", "28"]}]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
+        ("logits", "FP32", ["-1", "10"]), ("embedding", "FP32", ["-1", "128"])]
+    assert triton.get_model_metadata(MODELS[1], as_json=True)["platform"] == "pytorch_libtorch"
+    with pytest.raises(InferenceServerException) as info:
+        triton.get_model_metadata("no_such_model")
+    assert "Request for unknown model: 'no_such_model' is not found" in info.value.message()
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+
+
+def _inputs(images: np.ndarray):
+    tensor = tc.InferInput("image", [len(images), 1, 28, 28], "UINT8")
+    tensor.set_data_from_numpy(images.reshape(-1, 1, 28, 28))
+    return [tensor]
+
+
+@pytest.mark.parametrize("model, kind", [(MODELS[0], "onnx"), (MODELS[1], "torchscript")])
+def test_infer_matches_the_in_process_graph(triton, digits, model_repository, helpers, model, kind):
+    images, _ = digits
+    logits, embedding = helpers.reference_outputs(model_repository, kind, images)
+    result = triton.infer(model, _inputs(images), request_id="req-7")
+    np.testing.assert_allclose(result.as_numpy("logits"), logits, atol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("embedding"), embedding, atol=1e-5, rtol=1e-5)
+    response = result.get_response()
+    assert response.id == "req-7" and response.model_name == model and response.model_version == "1"
+    subset = triton.infer(model, _inputs(images[:3]), outputs=[tc.InferRequestedOutput("embedding")])
+    assert subset.as_numpy("logits") is None
+    np.testing.assert_allclose(subset.as_numpy("embedding"), embedding[:3], atol=1e-5, rtol=1e-5)
+
+
+def test_async_infer(triton, digits, model_repository, helpers):
+    images, _ = digits
+    logits, _ = helpers.reference_outputs(model_repository, "onnx", images[:4])
+    done: queue.Queue = queue.Queue()
+    triton.async_infer(MODELS[0], _inputs(images[:4]), callback=lambda result, error: done.put((result, error)))
+    result, error = done.get(timeout=30)
+    assert error is None
+    np.testing.assert_allclose(result.as_numpy("logits"), logits, atol=1e-5)
+
+
+def _request(images: np.ndarray, datatype="UINT8", shape=None, raw=None, model=MODELS[0], outputs=()):
+    request = triton_pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="image", datatype=datatype, shape=list(shape or (len(images), 1, 28, 28)))
+    request.raw_input_contents.append(images.tobytes() if raw is None else raw)
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+@pytest.mark.parametrize("change, code, text", [
+    (dict(datatype="FP32"), grpc.StatusCode.INVALID_ARGUMENT, "expects 'UINT8'"),
+    (dict(shape=(4, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT, "unexpected shape"),
+    (dict(raw=bytes(100)), grpc.StatusCode.INVALID_ARGUMENT, "needs 3136 bytes"),
+    (dict(outputs=("probabilities",)), grpc.StatusCode.INVALID_ARGUMENT, "unexpected inference output"),
+    (dict(model="no_such_model"), grpc.StatusCode.NOT_FOUND, "Request for unknown model"),
+    (dict(shape=(65, 1, 28, 28), raw=bytes(65 * 784)), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 64"),
+])
+def test_bad_infer_requests(raw_stub, triton, digits, change, code, text):
+    with pytest.raises(grpc.RpcError) as info:
+        raw_stub.ModelInfer(_request(digits[0][:4], **change), timeout=10)
+    assert info.value.code() == code and text in info.value.details()
+    assert triton.infer(MODELS[0], _inputs(digits[0][:2])).as_numpy("logits").shape == (2, 10)
+
+
+def test_typed_contents_and_version(raw_stub, digits, model_repository, helpers):
+    images = digits[0][:2]
+    logits, _ = helpers.reference_outputs(model_repository, "onnx", images)
+    request = triton_pb.ModelInferRequest(model_name=MODELS[0], model_version="1")
+    tensor = request.inputs.add(name="image", datatype="UINT8", shape=[2, 1, 28, 28])
+    tensor.contents.uint_contents.extend(images.ravel().tolist())
+    response = raw_stub.ModelInfer(request, timeout=10)
+    assert [o.name for o in response.outputs] == ["logits", "embedding"]
+    np.testing.assert_allclose(np.frombuffer(response.raw_output_contents[0], "<f4").reshape(2, 10), logits, atol=1e-5)
+    request.model_version = "2"
+    with pytest.raises(grpc.RpcError) as info:
+        raw_stub.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_typed_api_serves_onnx_by_default_when_all_models_load(all_models_server):
+    with grpc.insecure_channel(all_models_server.address) as channel:
+        info = pb_grpc.DigitServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest())
+    assert info.model_name == MODELS[0]
+    assert all_models_server.wait_for("ready")["models"] == list(MODELS)

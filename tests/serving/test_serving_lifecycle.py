@@ -1,0 +1,150 @@
+"""Server lifecycle in subprocesses: health NOT_SERVING → SERVING → NOT_SERVING, SIGTERM during requests loses
+none of them and exits 0, and startup refusals (sha256 mismatch, broken manifest, busy port, no GPU) exit 1
+with a clear message. Run: .venv/bin/python -m pytest tests/serving/test_serving_lifecycle.py -q"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image, ImageDraw
+
+from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
+from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
+
+SERVICE = "lsoftmax.v1.DigitService"
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_transitions(model_repository, helpers):
+    # TorchScript: torch is imported only after the port is bound, so the loading window is seconds long.
+    server = helpers.ServerProcess(model_repository, "--backend", "torchscript", "--device", "cpu")
+    try:
+        address = server.wait_for("listening")["address"]
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == NOT_SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.DigitServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "not loaded" in info.value.details()
+
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=60)
+            assert next(watch).status == NOT_SERVING
+            assert next(watch).status == SERVING
+            server.wait_for("ready")
+            assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == SERVING
+
+            server.proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == NOT_SERVING
+            assert list(watch) == []  # the stream ends (OK) instead of holding shutdown for the grace period
+        assert server.stop() == 0
+        assert server.wait_for("stopped")
+    finally:
+        server.kill()
+
+
+def _photo_request() -> tuple[pb.ClassifyRequest, int]:
+    """64 photo-sized JPEGs per request: enough decoding work that several requests are still in flight
+    when SIGTERM arrives."""
+    canvas = Image.new("L", (400, 400), 255)
+    ImageDraw.Draw(canvas).line([(100, 80), (300, 80), (170, 340)], fill=0, width=30)
+    buffer = io.BytesIO()
+    canvas.save(buffer, "JPEG", quality=95)
+    return pb.ClassifyRequest(images=[pb.Image(encoded=buffer.getvalue())] * 64), 64
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(model_repository, helpers):
+    server = helpers.ServerProcess(model_repository, "--device", "cpu", "--grace-seconds", "30",
+                                   *helpers.SERVER_LIMITS).start()
+    try:
+        request, n = _photo_request()
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.DigitServiceStub(channel)
+            expected = [r.label for r in stub.Classify(request, timeout=30).results]
+            finished: list[float] = []
+            lock = threading.Lock()
+
+            def record(_future):
+                with lock:
+                    finished.append(time.monotonic())
+
+            futures = []
+            for _ in range(12):
+                future = stub.Classify.future(request, timeout=60)
+                future.add_done_callback(record)
+                futures.append(future)
+            time.sleep(0.2)  # let every call reach the server
+            signalled = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futures]  # raises if any call was lost
+            assert all([r.label for r in res.results] == expected for res in results)
+            assert len(results) == 12 and all(len(res.results) == n for res in results)
+            assert sum(t > signalled for t in finished) >= 1, "no request was in flight at SIGTERM; make them heavier"
+        assert server.stop(timeout=30) == 0
+        events = [r["event"] for r in server.records]
+        assert events.index("signal") < events.index("stopping") < events.index("stopped")
+        with grpc.insecure_channel(server.address) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.DigitServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=2)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.kill()
+
+
+def _run_server(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving", "--port", "0", "--log-format", "text", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_sha256_mismatch_is_refused_at_startup(model_repository, helpers, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository, repo)
+    model = repo / "lsoftmax_mnist_onnx/1/model.onnx"
+    model.write_bytes(model.read_bytes() + b"\0")
+    result = _run_server("--model-repository", str(repo), cwd=helpers.PROJECT_ROOT)
+    assert result.returncode == 1
+    assert "sha256 mismatch for model 'lsoftmax_mnist_onnx'" in result.stderr and "listening" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_broken_manifest_is_refused_at_startup(model_repository, helpers, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository, repo)
+    manifest = json.loads((repo / "manifest.json").read_text())
+    del manifest["models"]
+    (repo / "manifest.json").write_text(json.dumps(manifest))
+    result = _run_server("--model-repository", str(repo), cwd=helpers.PROJECT_ROOT)
+    assert result.returncode == 1 and "manifest.json: models: missing" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_busy_port_is_refused(model_repository, helpers):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _run_server("--model-repository", str(model_repository), "--device", "cpu", "--port", str(port),
+                             cwd=helpers.PROJECT_ROOT)
+    assert result.returncode == 1 and f"cannot bind 127.0.0.1:{port}" in result.stderr
+
+
+def test_cuda_without_a_gpu_is_refused(model_repository, helpers):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = _run_server("--model-repository", str(model_repository), "--backend", "torchscript", "--device", "cuda",
+                         cwd=helpers.PROJECT_ROOT)
+    assert result.returncode == 1 and "no CUDA GPU is available" in result.stderr
+    assert "Traceback" not in result.stderr
