@@ -55,6 +55,7 @@ RAW_FILES = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
+EXPECTED_COUNTS = {"train": 60000, "test": 10000}
 COMPLETE_MARKER = ".complete.json"
 
 
@@ -98,11 +99,22 @@ def safe_unpickle(data: bytes):
 
 
 def _pixels_to_uint8(x: np.ndarray, where: str) -> np.ndarray:
+    """float32 [n, 784] holding k/256 -> uint8 [n, 28, 28] holding k, or DataError."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != 28 * 28:
+        raise DataError(f"{where}: expected [n, 784] pixel rows, got shape {x.shape}")
     scaled = x.astype(np.float64) * 256.0
     pixels = np.rint(scaled)
-    if not np.array_equal(pixels, scaled) or pixels.min() < 0 or pixels.max() > 255:
+    if not np.array_equal(pixels, scaled) or (pixels.size and (pixels.min() < 0 or pixels.max() > 255)):
         raise DataError(f"{where}: pixels are not k/256 for an integer k in 0..255")
-    return pixels.astype(np.uint8)
+    return pixels.astype(np.uint8).reshape(-1, 28, 28)
+
+
+def _labels_to_uint8(y: np.ndarray, where: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or (y.size and (y.min() < 0 or y.max() > 9)):
+        raise DataError(f"{where}: expected a 1-D array of integer labels in 0..9")
+    return y.astype(np.uint8)
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
@@ -121,16 +133,20 @@ def splits_from_hub_pickle(data: bytes) -> dict[str, np.ndarray]:
         (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = obj
     except (TypeError, ValueError) as exc:
         raise DataError(f"{HUB_MEMBER}: expected ((train), (valid), (test)) pairs") from exc
+    try:
+        train_x, train_y = np.concatenate([tr_x, va_x]), np.concatenate([tr_y, va_y])
+    except ValueError as exc:
+        raise DataError(f"{HUB_MEMBER}: train and valid splits do not stack ({exc})") from exc
     arrays = {
-        "train-images-idx3-ubyte": _pixels_to_uint8(np.concatenate([tr_x, va_x]), "train images").reshape(-1, 28, 28),
-        "train-labels-idx1-ubyte": np.concatenate([tr_y, va_y]).astype(np.uint8),
-        "t10k-images-idx3-ubyte": _pixels_to_uint8(te_x, "test images").reshape(-1, 28, 28),
-        "t10k-labels-idx1-ubyte": np.asarray(te_y).astype(np.uint8),
+        "train-images-idx3-ubyte": _pixels_to_uint8(train_x, "train images"),
+        "train-labels-idx1-ubyte": _labels_to_uint8(train_y, "train labels"),
+        "t10k-images-idx3-ubyte": _pixels_to_uint8(te_x, "test images"),
+        "t10k-labels-idx1-ubyte": _labels_to_uint8(te_y, "test labels"),
     }
     counts = {name: len(a) for name, a in arrays.items()}
-    if counts != {"train-images-idx3-ubyte": 60000, "train-labels-idx1-ubyte": 60000,
-                  "t10k-images-idx3-ubyte": 10000, "t10k-labels-idx1-ubyte": 10000}:
-        raise DataError(f"{HUB_MEMBER}: unexpected counts {counts}")
+    expected = {name: EXPECTED_COUNTS["train" if name.startswith("train") else "test"] for name in arrays}
+    if counts != expected:
+        raise DataError(f"{HUB_MEMBER}: unexpected counts {counts} (expected {expected})")
     return arrays
 
 
@@ -209,8 +225,11 @@ def prepare_mnist(data_dir: str | Path | None = None, source: str = "hub", cache
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "mnist"
     if source == "torchvision":
         from torchvision.datasets import MNIST
-        MNIST(str(root), train=True, download=True)
-        MNIST(str(root), train=False, download=True)
+        try:
+            MNIST(str(root), train=True, download=True)
+            MNIST(str(root), train=False, download=True)
+        except (RuntimeError, OSError) as exc:  # no internet, mirror down, unwritable root
+            raise DataError(f"torchvision could not download MNIST into {root} ({exc})") from exc
         return root
     if source != "hub":
         raise DataError(f"unknown data source {source!r}; choose 'hub' or 'torchvision'")

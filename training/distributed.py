@@ -30,13 +30,16 @@ class DistEnv:
         return torch.device("cpu")
 
 
-def setup() -> DistEnv:
+def setup(device_choice: str = "auto") -> DistEnv:
+    """Join the process group torchrun describes; NCCL only when the run will use CUDA tensors
+    (`--device cpu` on a GPU machine needs gloo, NCCL cannot reduce CPU tensors)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistEnv()
     env = DistEnv(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        use_cuda = device_choice != "cpu" and torch.cuda.is_available()
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return env
 
 

@@ -10,6 +10,7 @@ builds one by name. Inputs are normalised float images [N, 1, 28, 28].
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from training.lsoftmax import LSoftmaxLinear
@@ -84,7 +85,11 @@ class LSoftmaxNet(nn.Module):
         return self.backbone(x)
 
     def forward(self, x, target=None):
-        return self.head(self.backbone(x), target)
+        features = self.backbone(x)
+        # The head runs in fp32 outside autocast: cos(m theta) is a degree-m polynomial that bf16 rounds
+        # badly, and under CPU autocast the layer would get bf16 logits beside fp32 margins.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.head(features.float(), target)
 
 
 def build_model(name: str, margin: int, num_classes: int = 10) -> LSoftmaxNet:

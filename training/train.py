@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ RECIPES = {
 }
 PAPER_ITERATIONS = 18000
 CAFFE_GAMMA = 2.5e-5
+MOMENTUM_SWING = 0.05  # onecycle: momentum runs from --momentum + swing down to - swing and back
 
 # Flags that describe the run (taken from the checkpoint on --resume) vs how to run it.
 _RUNTIME_FLAGS = {"out", "resume", "device", "progress", "data_dir", "data_source", "cache_dir", "vis"}
@@ -78,7 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="stepped once per iteration; " + per_net("lr_schedule"))
     p.add_argument("--milestones", default=None,
                    help="multistep: comma-separated iterations where lr is divided by 10; " + per_net("milestones"))
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--momentum", type=float, default=0.9,
+                   help=f"SGD momentum (onecycle: the centre of its momentum cycle, +-{MOMENTUM_SWING})")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (L2)")
     p.add_argument("--beta-schedule", default="caffe", choices=["caffe", "exp", "constant"],
                    help="how beta (lambda) decays: caffe = max(min, base*(1+gamma*it)^-power); "
@@ -132,11 +133,22 @@ def pick_device(choice: str) -> torch.device:
 
 def build_lr_scheduler(args, optimizer, total_iters: int):
     if args.lr_schedule == "multistep":
-        milestones = [int(m) for m in str(args.milestones).split(",") if m.strip()]
+        try:
+            milestones = [int(m) for m in str(args.milestones).split(",") if m.strip()]
+        except ValueError:
+            raise ValueError(f"--milestones {args.milestones!r}: expected comma-separated iteration counts") from None
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     if args.lr_schedule == "onecycle":
+        # OneCycleLR divides by (pct_start * total_steps - 1): zero when the warm-up is exactly one step,
+        # which a 4-iteration run hits (pytorch/pytorch#180187); lengthen the warm-up a little there.
+        pct_start = 0.25 if 0.25 * total_iters != 1 else 1.5 / total_iters
+        # One-cycle also cycles momentum (low while lr is high); centre that cycle on --momentum, which
+        # OneCycleLR would otherwise replace by its fixed 0.85..0.95 (the same cycle at the default 0.9).
+        low, high = max(args.momentum - MOMENTUM_SWING, 0.0), min(args.momentum + MOMENTUM_SWING, 0.999)
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_iters,
-                                                   pct_start=0.25, div_factor=20.0, final_div_factor=200.0)
+                                                   pct_start=pct_start, div_factor=20.0, final_div_factor=200.0,
+                                                   cycle_momentum=args.momentum > 0, base_momentum=low,
+                                                   max_momentum=high)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -216,17 +228,30 @@ def _check_writable(out: Path) -> None:
 
 
 def _load_resume(out: Path, args) -> tuple[dict, argparse.Namespace]:
-    ckpt = load_checkpoint(out / "last.pt")
-    saved = dict(ckpt["config"]["train_args"])
+    """last.pt and the run's own flags (parser defaults < saved train_args < this call's runtime flags)."""
+    path = out / "last.pt"
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "lr_scheduler", "beta_schedule", "epoch") if k not in ckpt]
+    saved = ckpt["config"].get("train_args") if isinstance(ckpt["config"], dict) else None
+    if missing or not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: cannot resume from it, it lacks {', '.join(missing) or 'config.train_args'}")
+    defaults = vars(get_args_parser().parse_args([]))
     runtime = {k: getattr(args, k) for k in _RUNTIME_FLAGS}
-    return ckpt, argparse.Namespace(**{**saved, **runtime})
+    return ckpt, argparse.Namespace(**{**defaults, **saved, **runtime})
 
 
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
     """Keep only epochs the checkpoint holds (a run killed after logging but before saving)."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)["epoch"] <= last_epoch
+        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+            return False
+
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and keep(ln)]
     path.write_text("".join(ln + "\n" for ln in lines))
 
 
@@ -237,13 +262,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.resume:
         resume_ckpt, args = _load_resume(out, args)
     args = resolve_args(args)
-    dist_env = distributed.setup()
+    dist_env = distributed.setup(args.device)
     is_main = dist_env.rank == 0
     device = pick_device(args.device) if dist_env.world_size == 1 else dist_env.device(args.device)
     amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
     progress = is_main and (args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
     if is_main:
         _check_writable(out)
+        if resume_ckpt is None:
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run must not append to an old log
 
     torch.manual_seed(args.seed)
     root = prepare_mnist(args.data_dir, args.data_source, args.cache_dir) if is_main or args.data_dir else None
@@ -328,13 +355,15 @@ def run(args: argparse.Namespace) -> dict:
         state = {"config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "lr_scheduler": lr_scheduler.state_dict(), "beta_schedule": beta_schedule.state_dict(),
                  "epoch": epoch, "metrics": record, "best": best,
-                 "torch_version": torch.__version__}
-        save_checkpoint(state, out / "last.pt")
+                 "torch_version": str(torch.__version__)}
+        # Order matters for a run killed in between: the log line first (resume drops lines past last.pt's
+        # epoch), last.pt last (until it lands, resume redoes this epoch and rewrites best.pt identically).
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
         if improved:
             save_checkpoint({**state, "selected_by": "val_acc" if val_batches is not None else "final epoch"},
                             out / "best.pt")
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        save_checkpoint(state, out / "last.pt")
         print(f"epoch {epoch}/{args.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.2f}% "
               f"| test loss {record['test_loss']:.4f} acc {record['test_acc']:.2f}% | lr {lr:.4g} beta {beta:.4g} "
               f"| {record['seconds']:.1f}s", flush=True)
