@@ -32,9 +32,9 @@ data: install
 protos: install
 	$(PY) -m serving.protos_gen
 
+# The whole pipeline: data -> train (fast, m=4) -> export -> serve -> classify 10k digits -> embed -> plot.
 demo: install
-	$(PY) -m training.data
-	$(PY) -m training --model fast --margin 4 --epochs 2 --out $(OUT) --vis
+	$(PY) scripts/demo.py --out $(OUT)
 
 clean:
 	rm -rf $(VENV) runs model_repository .pytest_cache

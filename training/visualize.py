@@ -1,6 +1,7 @@
 """Fig. 2-style scatter plots of test-set features, coloured by class.
 
     python -m training.visualize runs/v4/best.pt --out runs/v4/features.png
+    python -m training.visualize --embeddings embeddings.npy --out embeddings.png   # from the gRPC client
 
 2-D features (the `vis` net) are drawn as they are, which is what the paper's Fig. 2 shows; wider
 features are projected onto their first two principal components.
@@ -9,6 +10,7 @@ features are projected onto their first two principal components.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -90,14 +92,40 @@ def plot_checkpoint_features(model, images, labels, path, device="cpu", title: s
     return plot_features(compute_features(model, images, device), labels.numpy(), path, title)
 
 
+def _plot_embeddings_file(path: Path, out: str | None) -> int:
+    """Scatter an embeddings .npy with the labels from the client's sidecar JSON (no net needed)."""
+    try:
+        features = np.load(path, allow_pickle=False)
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: {path}: cannot read embeddings and their .json sidecar ({exc})", file=sys.stderr)
+        return 2
+    labels = sidecar.get("labels")
+    if labels is None or len(labels) != len(features) or any(label is None for label in labels):
+        print(f"error: {path.with_suffix('.json')}: no label for every embedding", file=sys.stderr)
+        return 2
+    target = Path(out) if out else path.with_suffix(".png")
+    model = sidecar.get("model") or {}
+    plot_features(features, np.asarray(labels, dtype=np.int64), target,
+                  title=f"{len(features)} served embeddings ({model.get('model_name', 'model')})")
+    print(f"wrote {target}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Scatter plot of a checkpoint's test-set features.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", help="a .pt written by python -m training")
+    parser.add_argument("checkpoint", nargs="?", help="a .pt written by python -m training")
+    parser.add_argument("--embeddings", default=None,
+                        help="plot an OUT.npy written by `python -m serving.client embed` instead (labels from OUT.json)")
     parser.add_argument("--out", default=None, help="PNG path (default: features.png beside the checkpoint)")
     parser.add_argument("--data-dir", default=None, help="existing torchvision-layout MNIST root")
     parser.add_argument("--cache-dir", default=None, help="MNIST cache root")
     args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.embeddings is None):
+        parser.error("give either a CHECKPOINT or --embeddings OUT.npy")
+    if args.embeddings:
+        return _plot_embeddings_file(Path(args.embeddings), args.out)
     try:
         ckpt = load_checkpoint(args.checkpoint)
         model = rebuild_model(ckpt)
