@@ -1,0 +1,125 @@
+"""Shipping files checked without a Docker engine: the Dockerfile is hadolint-clean, every path it copies
+exists, its entry point and health check parse with the server's own parsers, the serving image's
+requirements agree with pyproject.toml, and the Kubernetes example is valid YAML the server accepts."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def _instructions(text: str) -> list[tuple[str, str, str]]:
+    """(stage, INSTRUCTION, arguments) with line continuations joined."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    stage, out = "", []
+    for line in joined.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            stage = rest.split(" AS ")[-1].strip() if " AS " in rest else rest
+        out.append((stage, word.upper(), rest))
+    return out
+
+
+INSTRUCTIONS = _instructions(DOCKERFILE)
+
+
+def test_hadolint_clean():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_copied_path_exists():
+    for stage, word, rest in INSTRUCTIONS:
+        if word != "COPY" or "--from=" in rest:
+            continue
+        sources = shlex.split(rest)[:-1]
+        for src in sources:
+            assert (ROOT / src).exists(), f"stage {stage}: COPY {src} does not exist"
+
+
+def test_serving_image_is_slim_and_non_root():
+    serving = [(w, r) for s, w, r in INSTRUCTIONS if s == "serving"]
+    copies = [r for w, r in serving if w == "COPY" and "--from=" not in r]
+    assert copies == ["serving/ /app/serving/"], "the serving image must ship serving/ only"
+    users = [r for w, r in serving if w == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    exposed = " ".join(r for w, r in serving if w == "EXPOSE").split()
+    assert {"50051", "8002"} <= set(exposed)
+    assert any(w == "HEALTHCHECK" for w, _ in serving)
+
+
+def _exec_form(rest: str) -> list[str]:
+    return yaml.safe_load(rest[rest.index("["):])
+
+
+def test_entrypoint_and_healthcheck_parse():
+    from serving.probe import get_args_parser as probe_parser
+    from serving.server import get_args_parser as server_parser
+
+    serving = [(w, r) for s, w, r in INSTRUCTIONS if s == "serving"]
+    entry = _exec_form(next(r for w, r in serving if w == "ENTRYPOINT"))
+    assert entry[:3] == ["python", "-m", "serving"]
+    args = server_parser().parse_args(entry[3:])
+    assert args.host == "0.0.0.0" and args.port == 50051
+    check = _exec_form(next(r for w, r in serving if w == "HEALTHCHECK").split("CMD", 1)[1])
+    assert check[:3] == ["python", "-m", "serving.probe"] and (ROOT / "serving" / "probe.py").is_file()
+    probe_parser().parse_args(check[3:])
+
+
+def _requirements(lines) -> dict[str, str]:
+    reqs = {}
+    for line in lines:
+        line = line.split("#")[0].strip()
+        if line:
+            name = re.match(r"[A-Za-z0-9_.\[\]-]+", line).group(0).split("[")[0].lower()
+            reqs[name] = line[len(name):].replace(" ", "") if line.lower().startswith(name) else line
+    return reqs
+
+
+def test_serving_requirements_agree_with_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = _requirements(project["dependencies"])
+    serving = _requirements((ROOT / "requirements-serving.txt").read_text().splitlines())
+    assert pinned["torch"] == "==2.14.1" and pinned["torchvision"] == "==0.29.1"
+    for name, spec in serving.items():
+        assert name in pinned, f"{name} is in requirements-serving.txt but not in pyproject.toml"
+        assert spec == pinned[name], f"{name}: {spec} (serving image) vs {pinned[name]} (pyproject)"
+
+
+def test_kubernetes_example():
+    from serving.server import get_args_parser
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"Deployment", "Service"}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"] == 50051
+    entry = _exec_form(next(r for s, w, r in INSTRUCTIONS if s == "serving" and w == "ENTRYPOINT"))
+    get_args_parser().parse_args(entry[3:] + container["args"])
+    assert kinds["Service"]["spec"]["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("pattern", [".venv/", "data/", "runs/", "model_repository/", "*.pt", "*.onnx", "*.npy"])
+def test_gitignore_keeps_artefacts_out(pattern):
+    assert pattern in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_ci_runs_make_test():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
