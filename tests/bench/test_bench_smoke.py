@@ -19,3 +19,16 @@ def test_train_bench_runs(capsys):
     assert bench_train.main(["--nets", "fast,vis", "--batch-size", "4", "--iters", "1", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| fast | eager |" in out and "| vis | channels_last |" in out
+
+
+def test_gpu_script_is_valid_bash_and_names_real_modules():
+    import re
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    root = script.parents[1]
+    for module in set(re.findall(r"-m ((?:training|bench|export|serving)[\w.]*)", script.read_text())):
+        path = root.joinpath(*module.split("."))
+        assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), module
