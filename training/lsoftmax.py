@@ -44,6 +44,11 @@ def chebyshev_cos_multiple(c: torch.Tensor, m: int) -> torch.Tensor:
     return cur
 
 
+def _s(n: int) -> int:
+    """Sign pattern +1, +1, -1, -1, ... (n = 0, 1, 2, 3, ...) of the folded U_n recurrence."""
+    return 1 if n % 4 in (0, 1) else -1
+
+
 class _LSoftmaxFunction(torch.autograd.Function):
     """Fused forward/backward of the training-mode layer: one autograd node instead of ~30 small ones.
 
@@ -135,29 +140,35 @@ class LSoftmaxLinear(nn.Module):
     def psi_and_derivative(self, cos_theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(psi(c), d psi / d c) with psi = (-1)^k T_m(c) - 2k and T_m' = m U_{m-1}.
 
-        U_n by U_{n+1} = 2c U_n - U_{n-1} (U_0 = 1, U_1 = 2c), then T_m = c U_{m-1} - U_{m-2}.
+        U_n (Chebyshev, 2nd kind) by U_{n+1} = 2c U_n - U_{n-1}, kept as r_n = s_n U_n with the sign
+        pattern s = +,+,-,-,+,+,... so that each step is a single addcmul, r_{n+1} = r_{n-1} -/+ 2c r_n;
+        T_m = c U_{m-1} - U_{m-2}. The signs s_n, (-1)^k and the factor m sit in the per-k table.
         """
         m, c = self.margin, cos_theta
         if m == 1:
             return c, torch.ones_like(c)
-        thresholds, sign_table, offset_table = self._tables(c)
+        thresholds, table, one = self._tables(c)
         i = torch.bucketize(c, thresholds, right=True)
-        sign = sign_table.index_select(0, i)
-        offset = offset_table.index_select(0, i)
-        two_c = c + c
-        u_prev, u = None, two_c  # U_0 = 1 is kept implicit to save an op
-        for _ in range(m - 2):
-            nxt = two_c * u - 1.0 if u_prev is None else torch.addcmul(u_prev.neg(), two_c, u)
-            u_prev, u = u, nxt
-        t_m = (c * u - 1.0) if u_prev is None else torch.addcmul(u_prev.neg(), c, u)
-        return torch.addcmul(offset, sign, t_m), (sign * u).mul_(float(m))
+        t_sign, offset, d_sign = table.index_select(0, i).unbind(1)
+        r_prev, r = one, c + c  # r_0 = U_0 = 1, r_1 = U_1 = 2c
+        for n in range(1, m - 1):
+            r_prev, r = r, torch.addcmul(r_prev, c, r, value=-2.0 if n % 2 else 2.0)
+        # T_m = c s_{m-1} r_{m-1} - s_{m-2} r_{m-2} = -s_{m-2} * (r_{m-2} - s_{m-1} s_{m-2} c r_{m-1})
+        t_m = torch.addcmul(r_prev, c, r, value=-float(_s(m - 1) * _s(m - 2)))
+        return torch.addcmul(offset, t_sign, t_m), d_sign * r
 
-    def _tables(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The threshold/sign/offset buffers in `like`'s dtype and device, converted once and cached."""
+    def _tables(self, like: torch.Tensor):
+        """(thresholds, [m, 3] table of (-1)^k * -s_{m-2}, -2k, (-1)^k * m * s_{m-1} by bucket, scalar 1) in
+        `like`'s dtype and device, built once and cached."""
         key = (like.dtype, like.device)
         cached = self._table_cache.get(key)
-        if cached is None or cached[0].device != self._thresholds.device:
-            cached = tuple(t.to(like.dtype) for t in (self._thresholds, self._sign, self._offset))
+        if cached is None:
+            m = self.margin
+            rows = [[float(sign) * -_s(m - 2), float(offset), float(sign) * m * _s(m - 1)]
+                    for sign, offset in zip(self._sign.tolist(), self._offset.tolist())]
+            cached = (self._thresholds.to(like.dtype),
+                      torch.tensor(rows, dtype=like.dtype, device=like.device),
+                      torch.ones((), dtype=like.dtype, device=like.device))
             self._table_cache[key] = cached
         return cached
 
