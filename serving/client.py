@@ -9,6 +9,11 @@
         labels, probs = client.classify_array(uint8_digits)  # many images: batched, several requests in flight
         client.info()                                        # dict: model, backend, device, manifest facts
 
+Secured servers (serving.security): `Client(address, tls_ca="ca.pem", token="...")` talks TLS, verifying the
+server against ca.pem (tls=True alone: the system's roots), sends `authorization: Bearer <token>` with every
+call, and presents tls_cert/tls_key to a server that requires client certificates (mutual TLS).
+tls_server_name overrides the name checked against the certificate (e.g. when dialling an IP address).
+
 Images are file paths, encoded bytes (PNG, JPEG, ... — the server decodes and fits them), or uint8 numpy
 arrays in MNIST polarity (a [28,28] / [784] image, or a batch [N,28,28] / [N,784] / [N,1,28,28]) sent as
 raw pixels. Every call has a deadline (`timeout`, default 30 s) and is retried on UNAVAILABLE (server
@@ -35,6 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
+from serving.security import bearer_metadata, client_channel
 
 __all__ = ["Client", "Classification", "DEFAULT_ADDRESS", "image_messages", "ordered_map"]
 
@@ -125,14 +131,19 @@ def _finish(entry, on_result):
 class Client:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 30.0, retries: int = 5,
                  initial_backoff: float = 0.1, max_backoff: float = 2.0,
-                 max_receive_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_receive_bytes: int = 256 * 1024 * 1024, token: str | None = None, tls: bool = False,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_server_name: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", max_receive_bytes), ("grpc.max_send_message_length", -1)])
+        self._metadata = bearer_metadata(token)
+        self._channel = client_channel(address, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                     tls_server_name=tls_server_name,
+                                     options=[("grpc.max_receive_message_length", max_receive_bytes),
+                                              ("grpc.max_send_message_length", -1)])
         self._stub = pb_grpc.DigitServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -151,7 +162,7 @@ class Client:
         attempt = 0
         while True:
             try:
-                return rpc(request, timeout=max(deadline - time.monotonic(), 0.001))
+                return rpc(request, timeout=max(deadline - time.monotonic(), 0.001), metadata=self._metadata)
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
                     raise

@@ -10,6 +10,8 @@
     python -m serving.client evaluate --input IMAGES --labels LABELS [--json]
         classify a uint8 .npy/IDX of digits in batches and print the accuracy (and the manifest's, to compare)
     python -m serving.client info
+Secured servers: --tls-ca CA.pem (or --tls for the system roots) [--tls-cert C --tls-key K for mutual TLS]
+[--tls-server-name NAME] and --token T (default: env LSOFTMAX_AUTH_TOKEN) or --token-file F.
 Exit status: 0 on success, 1 when the server or the input says no (the message names the file), 2 on usage.
 """
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from serving.arrays import ArrayFileError, load_digits, load_labels
 from serving.client import DEFAULT_ADDRESS, FIT_CHOICES, INVERT_CHOICES, Client, ordered_map
+from serving.security import add_client_args, client_kwargs
 
 __all__ = ["get_args_parser", "main"]
 
@@ -41,6 +44,7 @@ def _add_common(p: argparse.ArgumentParser, images: bool = True) -> None:
     p.add_argument("--server", default=os.environ.get("LSOFTMAX_SERVER", DEFAULT_ADDRESS),
                    help="HOST:PORT of the server (env LSOFTMAX_SERVER)")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline per request in seconds, retries included")
+    add_client_args(p)
     if images:
         p.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
                        help="polarity of encoded images: auto inverts dark-on-light images")
@@ -265,7 +269,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     try:
-        with Client(args.server, timeout=args.timeout) as client:
+        with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
             return COMMANDS[args.command](client, args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)

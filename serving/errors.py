@@ -10,8 +10,8 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
-    "ServingError", "InvalidInput", "ImageError", "LimitExceeded", "NotFound", "NotReady", "StartupError",
-    "status_for",
+    "ServingError", "InvalidInput", "ImageError", "LimitExceeded", "NotFound", "NotReady", "Overloaded",
+    "Unauthenticated", "StartupError", "status_for",
 ]
 
 
@@ -44,6 +44,15 @@ class NotReady(ServingError):
     """The model is not loaded and warm yet, or the server is shutting down; the client may retry."""
 
 
+class Overloaded(NotReady):
+    """The model's request queue is full (--max-queue-size); the client may retry later. The message starts
+    with Triton's words, "Exceeds maximum queue size"."""
+
+
+class Unauthenticated(ServingError):
+    """The call lacks the `authorization: Bearer <token>` metadata the server was started with, or it is wrong."""
+
+
 class StartupError(ServingError):
     """The server cannot start (bad repository, checksum mismatch, unavailable device); exits non-zero."""
 
@@ -53,6 +62,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 
 

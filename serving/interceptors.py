@@ -1,26 +1,40 @@
-"""The RPC boundary: every unary call passes through here for exception → status mapping and its log line.
+"""The RPC boundary: authentication, draining, exception → status mapping, request metrics, the per-request log.
 
-Servicers raise serving.errors types (or anything else, a bug); this interceptor turns them into the
-status `serving.errors.status_for` names, logs unexpected ones with their traceback, and writes one
-structured debug line per request (method, status, images, milliseconds, peer). Streaming calls (health
-Watch, reflection) pass through untouched. Wrapped handlers are cached per method, so the per-call cost
-is one dict lookup. Later concerns of the same kind (auth tokens, request metrics) belong here too.
+Every call passes through BoundaryInterceptor:
+1. With a token configured (serving.security.TokenAuth), a call without `authorization: Bearer <token>`
+   gets UNAUTHENTICATED before any handler runs; health checks stay open.
+2. Unary calls run inside a wrapper that turns serving.errors types (or anything else, a bug) into the status
+   `serving.errors.status_for` names, logs unexpected ones with their traceback, charges inference calls to
+   their model's Prometheus counters (serving.metrics: success, failure by reason, duration), and writes one
+   structured debug line per request (method, status, images, milliseconds, peer).
+3. The wrapper also counts calls in flight for graceful shutdown (Drain): once the server starts draining,
+   new calls (health checks excepted) get UNAVAILABLE "shutting down" at once, which clients retry elsewhere,
+   instead of being cancelled by gRPC's shutdown while they wait to be picked up.
+Streaming calls (health Watch, reflection) pass through untouched after step 1. Wrapped handlers are cached
+per method, so the per-call cost is a dict lookup, a clock read and a few integer additions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
+from typing import Callable
 
 import grpc
 
-from serving.errors import status_for
+from serving.errors import NotReady, Overloaded, ServingError, Unauthenticated, status_for
 from serving.logs import log_event
+from serving.metrics import ModelStats
+from serving.security import TokenAuth
 
-__all__ = ["BoundaryInterceptor"]
+__all__ = ["BoundaryInterceptor", "Drain", "StatsLookup"]
 
 logger = logging.getLogger("serving.rpc")
+
+# (method, request) → the model's counters, or None for calls that are not inference on a known model.
+StatsLookup = Callable[[str, object], "ModelStats | None"]
 
 
 def _count_images(request) -> int | None:
@@ -32,49 +46,126 @@ def _count_images(request) -> int | None:
     return int(inputs[0].shape[0]) if inputs and len(inputs[0].shape) else None
 
 
-class BoundaryInterceptor(grpc.aio.ServerInterceptor):
+def _failure_reason(exc: BaseException | None, code: grpc.StatusCode) -> str:
+    """Triton's failure reasons: REJECTED (queue full), CANCELED, BACKEND (the model failed), OTHER."""
+    if isinstance(exc, Overloaded):
+        return "REJECTED"
+    if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return "CANCELED"
+    if exc is not None and not isinstance(exc, ServingError) and isinstance(exc, Exception):
+        return "BACKEND"
+    return "OTHER"
+
+
+def _handler_factory(handler: grpc.RpcMethodHandler):
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler
+    return grpc.stream_stream_rpc_method_handler
+
+
+class Drain:
+    """Calls in flight, and the switch that makes new calls answer UNAVAILABLE while the server shuts down."""
+
     def __init__(self) -> None:
+        self.in_flight = 0
+        self.last_arrival_ns = 0
+        self.draining = False
+
+    async def wait(self, quiet: float, timeout: float) -> bool:
+        """After `draining` is set: wait until no call is in flight and none arrived for `quiet` seconds
+        (clients have noticed), at most `timeout` seconds; True when drained."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.in_flight and time.perf_counter_ns() - self.last_arrival_ns >= quiet * 1e9:
+                return True
+            await asyncio.sleep(min(0.01, quiet))
+        return False
+
+
+class BoundaryInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, auth: TokenAuth | None = None, stats_for: StatsLookup | None = None,
+                 drain: Drain | None = None) -> None:
+        self._auth = auth
+        self._stats_for = stats_for or (lambda method, request: None)
+        self.drain = drain or Drain()
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._denied: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method
+        if self._auth is not None and not self._auth.public(method) \
+                and not self._auth.check(handler_call_details.invocation_metadata):
+            return self._deny(method, handler)
+        if handler.unary_unary is None:
+            return handler
         cached = self._cache.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, handler.unary_unary),
+            self._wrap(method, handler.unary_unary, self._stats_for, self.drain),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
         self._cache[method] = (handler, wrapped)
         return wrapped
 
+    def _deny(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        denied = self._denied.get(method)
+        if denied is None:
+            code, details = status_for(Unauthenticated(
+                "missing or invalid credentials: send the metadata `authorization: Bearer <token>`"))
+
+            async def deny(request_or_iterator, context):
+                if logger.isEnabledFor(logging.DEBUG):
+                    log_event(logger, logging.DEBUG, "rpc", method=method, code=code.name, peer=context.peer())
+                await context.abort(code, details)
+
+            denied = _handler_factory(handler)(deny, request_deserializer=handler.request_deserializer,
+                                               response_serializer=handler.response_serializer)
+            self._denied[method] = denied
+        return denied
+
     @staticmethod
-    def _wrap(method: str, behavior):
+    def _wrap(method: str, behavior, stats_for: StatsLookup, drain: Drain):
+        refusable = not TokenAuth.public(method)
+
         async def call(request, context):
-            start = time.perf_counter()
+            start = drain.last_arrival_ns = time.perf_counter_ns()
+            drain.in_flight += 1
             code = grpc.StatusCode.OK
+            error: BaseException | None = None
             try:
+                if drain.draining and refusable:
+                    raise NotReady("the server is shutting down; retry (another replica) later")
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except BaseException as exc:
+                error = exc
                 if not isinstance(exc, Exception):  # cancellation (client went away, shutdown)
                     code = grpc.StatusCode.CANCELLED
                     raise
                 code, details = status_for(exc)
                 if code == grpc.StatusCode.INTERNAL:
                     logger.exception("unhandled exception in %s", method, extra={"fields": {"method": method}})
-                await context.abort(code, details)
-            finally:
+            finally:  # accounted before the answer leaves, so a client that got it sees it in the metrics
+                drain.in_flight -= 1
+                elapsed = time.perf_counter_ns() - start
+                stats = stats_for(method, request)
+                if stats is not None:
+                    stats.record_request(None if code == grpc.StatusCode.OK else _failure_reason(error, code), elapsed)
                 if logger.isEnabledFor(logging.DEBUG):
                     log_event(logger, logging.DEBUG, "rpc", method=method, code=code.name,
-                              images=_count_images(request), ms=round((time.perf_counter() - start) * 1e3, 3),
-                              peer=context.peer())
+                              images=_count_images(request), ms=round(elapsed / 1e6, 3), peer=context.peer())
+            await context.abort(code, details)
 
         return call

@@ -1,13 +1,15 @@
 """inference.GRPCInferenceService: the KServe v2 / Open Inference Protocol subset, answering as Triton does.
 
-ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer over the models the server
-loaded (by repository name). Thin like serving.servicer: validate → runner → response; errors are
-serving.errors types mapped to statuses by serving.interceptors. Input `image` UINT8 [N, 1, 28, 28] in
-raw_input_contents (or typed uint_contents); outputs `logits` FP32 [N, C] and `embedding` FP32 [N, D] in
-raw_output_contents, all of them or the requested subset, in the requested order.
+ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig and ModelInfer over the
+models the server loaded (by repository name). Thin like serving.servicer: validate → runner (dynamic
+batching) → response; errors are serving.errors types mapped to statuses by serving.interceptors.
+Input `image` UINT8 [N, 1, 28, 28] in raw_input_contents (read in place with np.frombuffer) or typed
+uint_contents; outputs `logits` FP32 [N, C] and `embedding` FP32 [N, D] in raw_output_contents, all of them
+or the requested subset, in the requested order. N may exceed the batcher's max_batch_size (the request is
+split) but not --max-images-per-request (RESOURCE_EXHAUSTED).
 Triton's answers: an unknown model is ready=false on ModelReady and NOT_FOUND "Request for unknown model:
-'<name>' is not found" on metadata/infer; a model still loading → UNAVAILABLE; bad shape, datatype or byte
-count → INVALID_ARGUMENT.
+'<name>' is not found" on metadata/config/infer; a model still loading (server not ready) → UNAVAILABLE;
+a full queue → UNAVAILABLE "Exceeds maximum queue size"; bad shape, datatype or byte count → INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -19,16 +21,20 @@ import numpy as np
 
 from serving._proto.inference import grpc_service_pb2 as pb
 from serving._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from serving._proto.inference import model_config_pb2 as mc
 from serving.errors import InvalidInput, LimitExceeded, NotFound, NotReady
-from serving.repository import Manifest
+from serving.model_config import PLATFORMS, effective_config
+from serving.repository import Manifest, ModelEntry
 from serving.runner import ModelRunner
 
-__all__ = ["KServeServicer", "SERVICE_NAME", "SERVER_NAME"]
+__all__ = ["KServeServicer", "SERVICE_NAME", "SERVER_NAME", "INFER_METHOD"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+INFER_METHOD = f"/{SERVICE_NAME}/ModelInfer"
 SERVER_NAME = "lsoftmax-serve"
-PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}  # Triton's platform names
 INPUT_SHAPE = (1, 28, 28)
+PIXELS = 28 * 28
+OUTPUTS = ("logits", "embedding")  # the runner's output order
 
 
 def _version() -> str:
@@ -39,15 +45,19 @@ def _version() -> str:
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, runners: Mapping[str, ModelRunner], served: list[str], manifest: Manifest,
-                 max_images_per_request: int) -> None:
-        """runners: loaded models by name, filled in as each becomes warm; served: every name this server
-        loads (the server is ready when all of them are in `runners`)."""
+    def __init__(self, runners: Mapping[str, ModelRunner], served: list[ModelEntry], manifest: Manifest,
+                 max_images_per_request: int, configs: Mapping[str, mc.ModelConfig] | None = None) -> None:
+        """runners: loaded models by name, filled in as each becomes warm; served: every model this server
+        loads (the server is ready when all of them are in `runners`); configs: each model's config.pbtxt."""
         self._runners = runners
-        self._served = list(served)
+        self._served = {e.name: e for e in served}
         self._manifest = manifest
         self._max_images = max_images_per_request
-        self._server_metadata = pb.ServerMetadataResponse(name=SERVER_NAME, version=_version(), extensions=[])
+        self._configs = dict(configs or {})
+        self._effective: dict[str, pb.ModelConfigResponse] = {}
+        self._server_metadata = pb.ServerMetadataResponse(name=SERVER_NAME, version=_version(),
+                                                          extensions=["model_configuration"])
+        self._input = manifest.input_name
 
     def _runner(self, name: str, version: str) -> ModelRunner:
         if name not in self._served:
@@ -55,7 +65,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         runner = self._runners.get(name)
         if runner is None:
             raise NotReady(f"Request for model '{name}' which is not ready yet (loading)")
-        if version not in ("", runner.version):
+        if version and version != runner.version:
             raise NotFound(f"Request for unknown model: '{name}' version {version} is not found")
         return runner
 
@@ -77,18 +87,28 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=runner.name, versions=[runner.version], platform=PLATFORMS[runner.entry.kind],
-            inputs=[tensor(name=self._manifest.input_name, datatype="UINT8", shape=[-1, *INPUT_SHAPE])],
+            inputs=[tensor(name=self._input, datatype="UINT8", shape=[-1, *INPUT_SHAPE])],
             outputs=[tensor(name="logits", datatype="FP32", shape=[-1, self._manifest.num_classes]),
                      tensor(name="embedding", datatype="FP32", shape=[-1, self._manifest.embedding_dim])],
         )
 
+    async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
+        runner = self._runner(request.name, request.version)
+        response = self._effective.get(runner.name)
+        if response is None:
+            base = self._configs.get(runner.name) or mc.ModelConfig(name=runner.name, backend=runner.entry.backend)
+            config = effective_config(base, runner.entry, runner.backend.device, runner.batcher.config)
+            response = self._effective[runner.name] = pb.ModelConfigResponse(config=config)
+        return response
+
     def _images(self, request: pb.ModelInferRequest) -> np.ndarray:
-        """Validate the one input and return it as uint8 [N, 1, 28, 28]."""
-        name = self._manifest.input_name
-        if len(request.inputs) != 1 or request.inputs[0].name != name:
-            got = ", ".join(repr(i.name) for i in request.inputs) or "none"
+        """Validate the one input and return it as uint8 [N, 1, 28, 28] (a view of the request's bytes)."""
+        name = self._input
+        inputs = request.inputs
+        if len(inputs) != 1 or inputs[0].name != name:
+            got = ", ".join(repr(i.name) for i in inputs) or "none"
             raise InvalidInput(f"expected 1 input named '{name}', got {got}")
-        tensor = request.inputs[0]
+        tensor = inputs[0]
         if tensor.datatype != "UINT8":
             raise InvalidInput(f"inference input '{name}' data-type is '{tensor.datatype}', but model "
                                f"'{request.model_name}' expects 'UINT8'")
@@ -96,14 +116,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if len(shape) != 4 or shape[1:] != INPUT_SHAPE or shape[0] < 1:
             raise InvalidInput(f"unexpected shape for input '{name}' for model '{request.model_name}'. "
                                f"Expected [-1,1,28,28], got {list(shape)}")
-        if shape[0] > self._max_images:
-            raise LimitExceeded(f"batch of {shape[0]} images; this server accepts at most {self._max_images} "
+        n = shape[0]
+        if n > self._max_images:
+            raise LimitExceeded(f"batch of {n} images; this server accepts at most {self._max_images} "
                                 "per request (--max-images-per-request)")
-        expected = shape[0] * 784
-        if request.raw_input_contents:
-            if len(request.raw_input_contents) != 1:
-                raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for 1 input")
-            raw = request.raw_input_contents[0]
+        expected = n * PIXELS
+        raws = request.raw_input_contents
+        if raws:
+            if len(raws) != 1:
+                raise InvalidInput(f"{len(raws)} raw_input_contents for 1 input")
+            raw = raws[0]
             if len(raw) != expected:
                 raise InvalidInput(f"input '{name}' shape {list(shape)} UINT8 needs {expected} bytes, "
                                    f"raw_input_contents has {len(raw)}")
@@ -117,18 +139,28 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"input '{name}' UINT8 values must be 0..255")
         return array.astype(np.uint8).reshape(shape)
 
+    @staticmethod
+    def _wanted(request: pb.ModelInferRequest, model: str) -> tuple[int, ...]:
+        """Indices into OUTPUTS of the requested outputs, in the requested order (all when none are named)."""
+        if not request.outputs:
+            return (0, 1)
+        wanted = []
+        for output in request.outputs:
+            if output.name not in OUTPUTS:
+                raise InvalidInput(f"unexpected inference output '{output.name}' for model '{model}'")
+            wanted.append(OUTPUTS.index(output.name))
+        return tuple(wanted)
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         runner = self._runner(request.model_name, request.model_version)
         images = self._images(request)
-        wanted = [o.name for o in request.outputs] or ["logits", "embedding"]
-        unknown = [n for n in wanted if n not in ("logits", "embedding")]
-        if unknown:
-            raise InvalidInput(f"unexpected inference output '{unknown[0]}' for model '{runner.name}'")
-        logits, embedding = await runner.infer(images)
-        arrays = {"logits": logits, "embedding": embedding}
-        response = pb.ModelInferResponse(model_name=runner.name, model_version=runner.version, id=request.id)
-        for name in wanted:
-            array = np.ascontiguousarray(arrays[name], dtype="<f4")
-            response.outputs.add(name=name, datatype="FP32", shape=list(array.shape))
-            response.raw_output_contents.append(array.tobytes())
-        return response
+        wanted = self._wanted(request, runner.name)
+        arrays = await runner.infer(images)
+        tensor = pb.ModelInferResponse.InferOutputTensor
+        outputs, contents = [], []
+        for index in wanted:
+            array = arrays[index]
+            outputs.append(tensor(name=OUTPUTS[index], datatype="FP32", shape=array.shape))
+            contents.append(array.astype("<f4", copy=False).tobytes())
+        return pb.ModelInferResponse(model_name=runner.name, model_version=runner.version, id=request.id,
+                                     outputs=outputs, raw_output_contents=contents)

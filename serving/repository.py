@@ -47,6 +47,7 @@ class Manifest:
     test_accuracy: float | None
     input_name: str
     models: dict[str, ModelEntry]
+    max_batch_size: int | None = None  # the largest batch the exported graphs were checked with, if recorded
 
     def served(self, model: str | None = None, backend: str | None = None) -> list[ModelEntry]:
         """The models a server loads: the one --model / --backend names, else every model of the repository."""
@@ -160,10 +161,13 @@ def read_manifest(root: str | Path) -> Manifest:
     models = {name: _model_entry(reader, root, name, spec) for name, spec in models_spec.items()}
     accuracy = reader.get(data, "test_accuracy", (int, float), required=False)
     margin = reader.get(data, "margin", int, required=False)
+    max_batch_size = reader.get(data, "max_batch_size", int, required=False)
+    if max_batch_size is not None and max_batch_size < 1:
+        raise reader.fail("max_batch_size", f"must be >= 1, got {max_batch_size}")
     return Manifest(root=root, raw=data, net=str(data.get("net", "")), margin=int(margin or 0),
                     num_classes=num_classes, embedding_dim=embedding_dim,
                     test_accuracy=None if accuracy is None else float(accuracy), input_name=input_name,
-                    models=models)
+                    models=models, max_batch_size=max_batch_size)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

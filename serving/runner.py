@@ -1,32 +1,34 @@
-"""The model runner: the one object that calls a backend, always off the event loop.
+"""The model runner: one loaded model, its dynamic batcher and its metrics, as the servicers see it.
 
-    runner = ModelRunner(backend, entry, manifest)
-    logits, embedding = await runner.infer(uint8_batch)   # awaits a worker thread; the loop stays free
+    runner = ModelRunner(backend, entry, manifest, BatchingConfig(...))
+    logits, embedding = await runner.infer(uint8_batch)   # queued, batched, computed in the worker thread
 
-Backend calls run in a small dedicated thread pool (one worker by default: a CPU backend already uses
-every core for one call, and a GPU backend works on one stream), so a slow call never blocks other RPCs,
-health checks or shutdown. This is the seam where dynamic batching (queue + coalescing) plugs in.
+Backend calls go through serving.batching.DynamicBatcher: one worker thread per model (a CPU backend already
+uses every core for one call, and a GPU backend works on one stream), so a slow call never blocks other
+RPCs, health checks or shutdown, and concurrent requests share backend calls. `stats` holds the model's
+Prometheus counters (serving.metrics).
 """
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from serving.backends import Backend
+from serving.batching import BatchingConfig, DynamicBatcher
+from serving.metrics import ModelStats
 from serving.repository import Manifest, ModelEntry
 
 __all__ = ["ModelRunner"]
 
 
 class ModelRunner:
-    def __init__(self, backend: Backend, entry: ModelEntry, manifest: Manifest, workers: int = 1) -> None:
+    def __init__(self, backend: Backend, entry: ModelEntry, manifest: Manifest,
+                 batching: BatchingConfig = BatchingConfig(), stats: ModelStats | None = None) -> None:
         self.backend = backend
         self.entry = entry
         self.manifest = manifest
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"infer-{entry.kind}")
+        self.stats = stats or ModelStats(entry.name, entry.version)
+        self.batcher = DynamicBatcher(backend.infer, batching, self.stats, name=entry.kind)
 
     @property
     def name(self) -> str:
@@ -36,12 +38,11 @@ class ModelRunner:
     def version(self) -> str:
         return self.entry.version
 
-    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [N, 1, 28, 28] → (logits [N, C], embedding [N, D]) computed in the worker pool."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.backend.infer, images)
+    async def infer(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """uint8 [N, 1, 28, 28] → (logits [N, C], embedding [N, D]), computed in a batch off the event loop."""
+        return await self.batcher.infer(images)
 
     def close(self) -> None:
-        """Wait for the running call, then release the model."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Fail what is still queued, wait for the running batch, then release the model."""
+        self.batcher.close()
         self.backend.close()

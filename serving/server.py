@@ -3,14 +3,24 @@
 Models: --model NAME or --backend onnx|torchscript serves that one model; without either, every model of
 the repository is loaded (KServe answers for each) and the typed lsoftmax.v1 API serves the ONNX one.
 Lifecycle (grpc.aio, one asyncio event loop):
-1. read manifest.json, choose the models, verify their sha256 (a mismatch exits 1 before anything binds);
-2. bind host:port (--port 0 picks a free port; the `listening` log line says which) and start answering:
-   health is NOT_SERVING and inference calls answer UNAVAILABLE while
+1. read manifest.json and each model's config.pbtxt, choose the models, verify their sha256, read the TLS
+   files and the auth token (any defect exits 1 before anything binds);
+2. bind host:port (--port 0 picks a free port; the `listening` log line says which) and the Prometheus
+   endpoint on host:--metrics-port, and start answering: health is NOT_SERVING and inference calls answer
+   UNAVAILABLE while
 3. each backend loads and warms up in a worker thread; then health turns SERVING and `ready` is logged;
-4. SIGTERM/SIGINT: health NOT_SERVING, stop accepting calls, let in-flight calls finish within
-   --grace-seconds, release the model, exit 0 (a second signal cuts the grace short).
+4. SIGTERM/SIGINT: health NOT_SERVING; drain: new calls get UNAVAILABLE "shutting down" (retryable; gRPC's
+   own shutdown would cancel calls still waiting to be picked up) while the calls in flight (queued ones
+   included) finish; once none is in flight and no call came for DRAIN_QUIET_S (at most half the grace
+   period), stop the gRPC server with the rest of --grace-seconds, release the models, exit 0. A second
+   signal cuts all of it short.
 Services: lsoftmax.v1.DigitService, inference.GRPCInferenceService (KServe v2), grpc.health.v1.Health
 ("" and both service names), server reflection.
+Per request: no thread hop of its own. Calls are handled on the event loop; each model's requests are
+coalesced by serving.batching into backend calls in one worker thread per model (--max-batch-size,
+--max-queue-delay-us, --max-queue-size, --no-dynamic-batching); encoded images are decoded in a small pool.
+Security (serving.security): --tls-cert/--tls-key [--tls-client-ca] and --auth-token-file; metrics
+(serving.metrics): Triton's names at http://HOST:METRICS_PORT/metrics.
 """
 
 from __future__ import annotations
@@ -33,15 +43,20 @@ from PIL import Image
 from serving._proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
 from serving.backends import BACKENDS, DEVICES, load_backend
+from serving.batching import BatchingConfig
 from serving.errors import StartupError
 from serving.health import SERVING, HealthServicer
 from serving.images import DEFAULT_MAX_IMAGE_PIXELS
-from serving.interceptors import BoundaryInterceptor
+from serving.interceptors import BoundaryInterceptor, Drain
+from serving.kserve import INFER_METHOD as KSERVE_INFER_METHOD
 from serving.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from serving.kserve import KServeServicer
 from serving.logs import LOG_LEVELS, configure_logging, log_event
+from serving.metrics import MetricsServer, ModelStats
+from serving.model_config import read_model_config
 from serving.repository import Manifest, ModelEntry, read_manifest, verify_sha256
 from serving.runner import ModelRunner
+from serving.security import TOKEN_ENV, TlsConfig, TokenAuth, read_token
 from serving.servicer import SERVICE_NAME, DigitServicer, Limits
 
 __all__ = ["get_args_parser", "main", "serve"]
@@ -49,11 +64,20 @@ __all__ = ["get_args_parser", "main", "serve"]
 logger = logging.getLogger("serving")
 
 
-def _positive(kind, maximum=None):
+DEFAULT_QUEUE_DELAY_US = 0  # measured best on CPU (loadgen sweep): a busy backend already gathers the next batch
+DRAIN_QUIET_S = 0.1
+DEFAULT_QUEUE_SIZE = 1024
+TYPED_INFER_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in ("Classify", "Embed"))
+
+
+def _positive(kind, maximum=None, minimum=1):
     def parse(text: str):
-        value = kind(text)
-        if value <= 0 or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"must be > 0{f' and <= {maximum}' if maximum else ''}, got {text}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{f' and <= {maximum}' if maximum else ''}, got {text}")
         return value
     return parse
 
@@ -78,13 +102,40 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="largest declared width x height of an encoded image → INVALID_ARGUMENT beyond it")
     p.add_argument("--decode-threads", type=_positive(int), default=min(2, os.cpu_count() or 1),
                    help="threads decoding encoded images")
+    b = p.add_argument_group("dynamic batching (serving.batching)")
+    b.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="coalesce concurrent requests into one backend call (--no-dynamic-batching: one call each)")
+    b.add_argument("--max-batch-size", type=_positive(int), default=None,
+                   help="most images per backend call; larger requests are split (default: the model's "
+                        "max_batch_size from config.pbtxt / manifest.json, 256 if neither says)")
+    b.add_argument("--max-queue-delay-us", type=_positive(int, minimum=0), default=DEFAULT_QUEUE_DELAY_US,
+                   help="longest a request may wait for others to join its batch, and only when the last batch held "
+                        "more requests than are queued (a lone request never waits); >0 can pay off on a GPU, on "
+                        "CPU requests queued while the backend is busy already form the batches")
+    b.add_argument("--max-queue-size", type=_positive(int, minimum=0), default=DEFAULT_QUEUE_SIZE,
+                   help="requests queued per model before new ones get UNAVAILABLE 'Exceeds maximum queue size' "
+                        "(0: unbounded)")
+    p.add_argument("--metrics-port", type=_positive(int, maximum=65535, minimum=-1), default=8002,
+                   help="Prometheus endpoint http://HOST:PORT/metrics with Triton's metric names (https with "
+                        "--tls-cert); 0 picks a free port (see the `listening` log line), -1 turns it off")
+    t = p.add_argument_group("security (serving.security)")
+    t.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    t.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    t.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA: require client certificates signed by it (mutual TLS)")
+    t.add_argument("--auth-token-file", default=None,
+                   help=f"file holding the bearer token every call but health checks must send as "
+                        f"`authorization: Bearer <token>` (also: env {TOKEN_ENV}; none: no token needed)")
+    t.add_argument("--auth-token", default=None,
+                   help="the token itself (visible in the process list; prefer --auth-token-file)")
     p.add_argument("--grace-seconds", type=float, default=10.0, help="time in-flight calls get to finish on SIGTERM")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="debug logs one line per request")
     p.add_argument("--log-format", choices=("json", "text"), default="json", help="json: one object per line")
     return p
 
 
-def _load(entry: ModelEntry, manifest: Manifest, device: str, warmup_batch: int) -> tuple[ModelRunner, dict]:
+def _load(entry: ModelEntry, manifest: Manifest, device: str, warmup_batch: int, batching: BatchingConfig,
+          stats: ModelStats) -> tuple[ModelRunner, dict]:
     """Runs in a worker thread: load the graph, warm it up, check it against the manifest."""
     start = time.perf_counter()
     backend = load_backend(entry.kind, entry.path, device)
@@ -95,18 +146,39 @@ def _load(entry: ModelEntry, manifest: Manifest, device: str, warmup_batch: int)
         raise StartupError(f"{entry.path}: the graph outputs {classes} logits and a {dim}-D embedding, the manifest "
                            f"says {manifest.num_classes} and {manifest.embedding_dim}")
     timing = {"load_s": round(loaded - start, 3), "warmup_s": round(time.perf_counter() - loaded, 3)}
-    return ModelRunner(backend, entry, manifest), timing
+    return ModelRunner(backend, entry, manifest, batching, stats), timing
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int) -> str:
-    """Bind host:port (IPv6 literals bracketed); returns the bound address with the real port."""
+def _bind(server: grpc.aio.Server, host: str, port: int, tls: TlsConfig | None) -> str:
+    """Bind host:port (IPv6 literals bracketed), with TLS when configured; returns the bound address."""
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials())
     except RuntimeError as exc:
         raise StartupError(f"cannot bind {host}:{port} ({exc})") from None
     return f"{host}:{bound}"
+
+
+def _batching(args: argparse.Namespace, entries: list[ModelEntry], manifest: Manifest) -> tuple[dict, dict]:
+    """Each model's config.pbtxt and BatchingConfig; --max-batch-size may not exceed the model's."""
+    configs, batching = {}, {}
+    for entry in entries:
+        config = configs[entry.name] = read_model_config(entry, manifest)
+        limit = args.max_batch_size or config.max_batch_size
+        if limit > config.max_batch_size:
+            raise StartupError(f"--max-batch-size {limit} exceeds model {entry.name!r}'s max_batch_size "
+                               f"{config.max_batch_size} (config.pbtxt)")
+        batching[entry.name] = BatchingConfig(max_batch_size=limit, max_queue_delay_us=args.max_queue_delay_us,
+                                              max_queue_size=args.max_queue_size, enabled=args.dynamic_batching)
+    return configs, batching
+
+
+def _loopback(host: str) -> bool:
+    return host.strip("[]") in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
 class _Shutdown:
@@ -114,6 +186,7 @@ class _Shutdown:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.event = asyncio.Event()
+        self.forced = asyncio.Event()
         self.server: grpc.aio.Server | None = None
         self._count = 0
         self._loop = loop
@@ -124,8 +197,10 @@ class _Shutdown:
         self._count += 1
         log_event(logger, logging.INFO, "signal", signal=signal.Signals(signum).name, count=self._count)
         self.event.set()
-        if self._count > 1 and self.server is not None:
-            self._loop.create_task(self.server.stop(0))
+        if self._count > 1:
+            self.forced.set()
+            if self.server is not None:
+                self._loop.create_task(self.server.stop(0))
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -140,11 +215,23 @@ async def serve(args: argparse.Namespace) -> int:
         verify_sha256(entry)
 
     limits = Limits(args.max_images_per_request, args.max_message_bytes, args.max_image_pixels)
+    configs, batching = _batching(args, served, manifest)
+    tls = TlsConfig.from_args(args.tls_cert, args.tls_key, args.tls_client_ca)
+    token = read_token(args.auth_token, args.auth_token_file)
+    stats = {e.name: ModelStats(e.name, e.version) for e in served}
+    typed_stats = stats[typed_model.name]
+
+    def stats_for(method: str, request) -> ModelStats | None:
+        if method == KSERVE_INFER_METHOD:
+            return stats.get(request.model_name)
+        return typed_stats if method in TYPED_INFER_METHODS else None
+
     decode_pool = ThreadPoolExecutor(max_workers=args.decode_threads, thread_name_prefix="decode")
     runners: dict[str, ModelRunner] = {}  # filled as each model is loaded and warm; read by both APIs
     health = HealthServicer([SERVICE_NAME, KSERVE_SERVICE_NAME])
+    drain = Drain()
     server = grpc.aio.server(
-        interceptors=[BoundaryInterceptor()],
+        interceptors=[BoundaryInterceptor(TokenAuth(token) if token else None, stats_for, drain)],
         options=[("grpc.max_receive_message_length", args.max_message_bytes),
                  ("grpc.max_send_message_length", -1),
                  ("grpc.so_reuseport", 0)],  # a busy port is an error, not a silently shared one
@@ -152,22 +239,37 @@ async def serve(args: argparse.Namespace) -> int:
     shutdown.server = server
     pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(runners, typed_model.name, limits, decode_pool), server)
     kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(runners, [e.name for e in served], manifest, limits.max_images_per_request), server)
+        KServeServicer(runners, served, manifest, limits.max_images_per_request, configs), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, KSERVE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    address = _bind(server, args.host, args.port)
+    address = _bind(server, args.host, args.port, tls)
+    metrics = None
+    if args.metrics_port >= 0:
+        try:
+            metrics = MetricsServer.start(stats.values(), args.host, args.metrics_port,
+                                          tls.cert if tls else None, tls.key if tls else None)
+        except StartupError:
+            await server.stop(None)
+            decode_pool.shutdown()
+            raise
     await server.start()
+    if token and not tls and not _loopback(args.host):
+        log_event(logger, logging.WARNING, "token_without_tls", host=args.host,
+                  hint="the bearer token crosses the network in clear text; add --tls-cert/--tls-key")
     log_event(logger, logging.INFO, "listening", address=address, port=int(address.rsplit(":", 1)[1]),
-              pid=os.getpid(), models=[e.name for e in served], health="NOT_SERVING")
+              pid=os.getpid(), models=[e.name for e in served], health="NOT_SERVING",
+              metrics_port=metrics.port if metrics else None, tls=tls is not None,
+              mutual_tls=bool(tls and tls.client_ca), auth=token is not None)
 
     loading = None
     try:
         waiter = asyncio.ensure_future(shutdown.event.wait())
         for entry in served:
             loading = loop.run_in_executor(None, _load, entry, manifest, args.device,
-                                           min(8, args.max_images_per_request))
+                                           min(8, args.max_images_per_request), batching[entry.name],
+                                           stats[entry.name])
             await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
             if shutdown.event.is_set():
                 break
@@ -184,21 +286,40 @@ async def serve(args: argparse.Namespace) -> int:
                       providers=list(typed.providers), net=manifest.net, margin=manifest.margin,
                       embedding_dim=manifest.embedding_dim, test_accuracy=manifest.test_accuracy,
                       max_images_per_request=limits.max_images_per_request,
-                      max_message_bytes=limits.max_message_bytes)
+                      max_message_bytes=limits.max_message_bytes, dynamic_batching=args.dynamic_batching,
+                      max_batch_size={name: b.max_batch_size for name, b in batching.items()},
+                      max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
+                      metrics_port=metrics.port if metrics else None)
             await shutdown.event.wait()
         waiter.cancel()
     finally:
         log_event(logger, logging.INFO, "stopping", grace_seconds=args.grace_seconds)
+        started = time.monotonic()
         await health.enter_graceful_shutdown()
-        await server.stop(args.grace_seconds)
+        drain.draining = True
+        drained = await _until(drain.wait(DRAIN_QUIET_S, args.grace_seconds / 2), shutdown.forced)
+        log_event(logger, logging.INFO, "drained", drained=drained, in_flight=drain.in_flight,
+                  seconds=round(time.monotonic() - started, 3))
+        await server.stop(0 if shutdown.forced.is_set() else max(0.0, args.grace_seconds - (time.monotonic() - started)))
         decode_pool.shutdown(wait=True, cancel_futures=True)
         if loading is not None and not loading.done():
             late, _ = await loading  # a signal arrived while loading: let the thread finish, then release
             late.close()
         for runner in runners.values():
             runner.close()
+        if metrics is not None:
+            metrics.close()
     log_event(logger, logging.INFO, "stopped")
     return 0
+
+
+async def _until(work, cancel: asyncio.Event) -> bool:
+    """Await `work` unless `cancel` is set first (then False)."""
+    task, stop = asyncio.ensure_future(work), asyncio.ensure_future(cancel.wait())
+    done, _ = await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+    for pending in (task, stop):
+        pending.cancel()
+    return task in done and task.result()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
-"""lsoftmax.v1.DigitService: Classify, Embed, GetModelInfo. Thin: validate → backend → response.
+"""lsoftmax.v1.DigitService: Classify, Embed, GetModelInfo. Thin: validate → runner (dynamic batching) → response.
 
 Errors are raised as serving.errors types and mapped to status codes by serving.interceptors; the
 servicer never touches status codes itself. Image decoding (serving.images) runs in a small thread pool
-when a request carries encoded images; all-raw batches are reshaped inline (microseconds).
+when a request carries encoded images; all-raw batches are reshaped inline (microseconds). A request may
+hold more images than the batcher's max_batch_size (it is split) but not more than --max-images-per-request.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
         runner = self._ready()
-        manifest, entry, backend = runner.manifest, runner.entry, runner.backend
+        manifest, entry, backend, batching = runner.manifest, runner.entry, runner.backend, runner.batcher.config
         return pb.GetModelInfoResponse(
             model_name=entry.name, model_version=entry.version, net=manifest.net, margin=manifest.margin,
             num_classes=manifest.num_classes, embedding_dim=manifest.embedding_dim,
@@ -96,4 +97,6 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
             device=backend.device, onnx_providers=list(backend.providers),
             max_images_per_request=self.limits.max_images_per_request,
             max_message_bytes=self.limits.max_message_bytes, manifest_json=json.dumps(manifest.raw, sort_keys=True),
+            dynamic_batching=batching.enabled, max_batch_size=batching.max_batch_size,
+            max_queue_delay_us=batching.max_queue_delay_us, max_queue_size=batching.max_queue_size,
         )

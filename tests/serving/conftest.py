@@ -9,6 +9,8 @@
   limit tests stay cheap.
 - `reference_outputs`: the exported graph run in-process (onnxruntime / torch.jit.load), the independent
   answer the server's results are compared with.
+- `scrape(server)`: the server's Prometheus metrics as {(name, labels...): value}; `loadgen(*args)`: runs
+  tests/serving/loadgen.py (closed-loop load in its own processes) and returns its JSON summary.
 tritonclient's generated `inference.*` messages clash with ours in one process: no test imports
 serving._proto.inference (or serving.server / serving.kserve) in the pytest process; servers run in subprocesses.
 Test modules cannot import this file by name (tests/conftest.py owns that name), so the helpers reach them
@@ -96,7 +98,7 @@ class ServerProcess:
 
     def __init__(self, repository: Path, *args: str) -> None:
         cmd = [sys.executable, "-m", "serving", "--model-repository", str(repository), "--port", "0",
-               "--log-format", "json", "--log-level", "debug", *args]
+               "--metrics-port", "0", "--log-format", "json", "--log-level", "debug", *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
@@ -141,6 +143,18 @@ class ServerProcess:
         self.wait_for("ready", timeout)
         return self
 
+    @property
+    def metrics_port(self) -> int | None:
+        return self.wait_for("listening")["metrics_port"]
+
+    def rss_kib(self) -> int:
+        """Resident set size of the server process (VmRSS), KiB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS line")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -155,10 +169,38 @@ class ServerProcess:
             self.proc.wait(10)
 
 
+def scrape(server: ServerProcess, scheme: str = "http", context=None) -> dict[tuple, float]:
+    """GET /metrics → {(sample name, (label, value), ...): value}, labels sorted by name."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"{scheme}://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10, context=context) as reply:
+        text = reply.read().decode()
+    return {(sample.name, *sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    """One sample of a scrape(): the sum over samples of `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, *rest), v in samples.items() if n == name and wanted <= set(rest))
+
+
+def loadgen(*args: str, timeout: float = 300) -> dict:
+    """tests/serving/loadgen.py ARGS... in a subprocess; its JSON summary."""
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("loadgen.py")), *args],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="session")
 def helpers() -> SimpleNamespace:
     return SimpleNamespace(ServerProcess=ServerProcess, png_bytes=png_bytes, reference_outputs=reference_outputs,
-                           softmax=softmax, SERVER_LIMITS=SERVER_LIMITS, PROJECT_ROOT=PROJECT_ROOT)
+                           softmax=softmax, SERVER_LIMITS=SERVER_LIMITS, PROJECT_ROOT=PROJECT_ROOT, scrape=scrape,
+                           metric=metric, loadgen=loadgen)
 
 
 @pytest.fixture(scope="session")

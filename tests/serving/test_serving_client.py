@@ -46,7 +46,7 @@ def test_retries_unavailable_with_backoff_then_succeeds():
     client = Client("127.0.0.1:1", initial_backoff=0.01, max_backoff=0.02)
     calls = []
 
-    def flaky(request, timeout):
+    def flaky(request, timeout, metadata=None):
         calls.append(timeout)
         if len(calls) < 3:
             raise _Unavailable()
@@ -60,7 +60,7 @@ def test_other_errors_are_not_retried():
     client = Client("127.0.0.1:1", initial_backoff=0.01)
     calls = []
 
-    def invalid(request, timeout):
+    def invalid(request, timeout, metadata=None):
         calls.append(1)
         raise _Unavailable(grpc.StatusCode.INVALID_ARGUMENT)
 

@@ -1,5 +1,6 @@
 """GPU serving (marker `cuda`; skipped without a GPU): the TorchScript model served on CUDA answers as the CPU
-graph does, and the ONNX server on --device auto reports the execution provider it really uses.
+graph does (also under concurrent, batched load), and the ONNX server on --device auto reports the execution
+provider it really uses.
 Run: .venv/bin/python -m pytest tests/serving/test_serving_cuda.py -q -m cuda"""
 
 from __future__ import annotations
@@ -66,3 +67,21 @@ def test_onnx_on_auto_reports_the_provider_it_uses(model_repository, helpers, di
     else:
         assert info.device == "cpu"
     _agree(logits, embedding, *helpers.reference_outputs(model_repository, "onnx", images))
+
+
+def test_batching_on_cuda_answers_concurrent_clients_as_alone(model_repository, helpers):
+    """One model copy on the GPU; concurrent batch-1 clients are coalesced and still get their own answers."""
+    server = helpers.ServerProcess(model_repository, "--backend", "torchscript", "--device", "cuda",
+                                   "--log-level", "info", "--max-queue-delay-us", "200").start()
+    try:
+        result = helpers.loadgen("run", "--address", server.address, "--api", "kserve", "--model",
+                                 "lsoftmax_mnist_torchscript", "--concurrency", "32", "--processes", "2",
+                                 "--requests", "2000", "--distinct", "8", "--check", "--tolerance", "5e-3")
+        assert result["errors"] == {} and result["wrong"] == 0
+        samples = helpers.scrape(server)
+        labels = {"model": "lsoftmax_mnist_torchscript"}
+        requests = helpers.metric(samples, "nv_inference_request_success", **labels)
+        assert requests == 2000 + 2 * 8
+        assert helpers.metric(samples, "nv_inference_exec_count", **labels) < requests
+    finally:
+        assert server.stop() == 0

@@ -29,18 +29,26 @@ MODELS = ("lsoftmax_mnist_onnx", "lsoftmax_mnist_torchscript")
 _DUMP = textwrap.dedent("""
     import importlib, json, sys
     module = importlib.import_module(sys.argv[1])
-    out = {}
+    out, enums = {}, {}
+    def visit_enum(enum):
+        enums[enum.full_name] = {v.name: v.number for v in enum.values}
     def visit(msg):
         out[msg.full_name] = {f.name: [f.number, f.type, f.is_repeated,
                                        f.message_type.full_name if f.message_type else None,
+                                       f.enum_type.full_name if f.enum_type else None,
                                        f.containing_oneof.name if f.containing_oneof else None] for f in msg.fields}
         for nested in msg.nested_types:
             visit(nested)
+        for enum in msg.enum_types:
+            visit_enum(enum)
     for msg in module.DESCRIPTOR.message_types_by_name.values():
         visit(msg)
-    service = module.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    methods = {m.name: [m.input_type.full_name, m.output_type.full_name] for m in service.methods}
-    print(json.dumps({"messages": out, "methods": methods}))
+    for enum in module.DESCRIPTOR.enum_types_by_name.values():
+        visit_enum(enum)
+    services = module.DESCRIPTOR.services_by_name
+    methods = ({m.name: [m.input_type.full_name, m.output_type.full_name]
+                for m in services["GRPCInferenceService"].methods} if "GRPCInferenceService" in services else {})
+    print(json.dumps({"messages": out, "enums": enums, "methods": methods}))
 """)
 
 
@@ -48,19 +56,27 @@ def _descriptors(module: str, cwd) -> dict:
     return json.loads(subprocess.check_output([sys.executable, "-c", _DUMP, module], cwd=cwd, text=True))
 
 
-def test_our_proto_matches_the_public_protocol(helpers):
-    ours = _descriptors("serving._proto.inference.grpc_service_pb2", helpers.PROJECT_ROOT)
-    theirs = _descriptors("tritonclient.grpc.service_pb2", helpers.PROJECT_ROOT)
+@pytest.mark.parametrize("ours, theirs", [
+    ("serving._proto.inference.grpc_service_pb2", "tritonclient.grpc.service_pb2"),
+    ("serving._proto.inference.model_config_pb2", "tritonclient.grpc.model_config_pb2"),
+])
+def test_our_proto_matches_the_public_protocol(helpers, ours, theirs):
+    """Every field we declare has Triton's number, type and cardinality; every enum value its number."""
+    ours, theirs = _descriptors(ours, helpers.PROJECT_ROOT), _descriptors(theirs, helpers.PROJECT_ROOT)
     for name, fields in ours["messages"].items():
         assert fields == {k: theirs["messages"][name][k] for k in fields}, name
+    for name, values in ours["enums"].items():
+        assert values == {k: theirs["enums"][name][k] for k in values}, name
     assert ours["methods"] == {k: theirs["methods"][k] for k in ours["methods"]}
-    assert set(ours["methods"]) == {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-                                    "ModelInfer"}
+    if ours["methods"]:
+        assert set(ours["methods"]) == {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+                                        "ModelConfig", "ModelInfer"}
 
 
 @pytest.fixture(scope="module")
 def all_models_server(model_repository, helpers):
-    server = helpers.ServerProcess(model_repository, "--device", "cpu", *helpers.SERVER_LIMITS).start()
+    server = helpers.ServerProcess(model_repository, "--device", "cpu", "--max-queue-delay-us", "200",
+                                   *helpers.SERVER_LIMITS).start()
     yield server
     try:
         assert server.stop() == 0
@@ -175,3 +191,41 @@ def test_typed_api_serves_onnx_by_default_when_all_models_load(all_models_server
         info = pb_grpc.DigitServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest())
     assert info.model_name == MODELS[0]
     assert all_models_server.wait_for("ready")["models"] == list(MODELS)
+
+
+def test_model_config_is_tritons_as_this_server_runs_it(triton):
+    config = triton.get_model_config(MODELS[0], as_json=True)["config"]
+    assert config["name"] == MODELS[0] and config["platform"] == "onnxruntime_onnx"
+    assert config["backend"] == "onnxruntime" and config["max_batch_size"] == 256
+    assert config["input"] == [{"name": "image", "data_type": "TYPE_UINT8", "dims": ["1", "28", "28"]}]
+    assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [
+        ("logits", "TYPE_FP32", ["10"]), ("embedding", "TYPE_FP32", ["128"])]
+    batching = config["dynamic_batching"]
+    assert batching["max_queue_delay_microseconds"] == "200"
+    assert batching["default_queue_policy"]["max_queue_size"] == 1024
+    assert config["instance_group"] == [{"name": f"{MODELS[0]}_0", "kind": "KIND_CPU", "count": 1}]
+    assert config["default_model_filename"] == "model.onnx"
+    assert triton.get_model_config(MODELS[1], as_json=True)["config"]["platform"] == "pytorch_libtorch"
+    assert "model_configuration" in triton.get_server_metadata(as_json=True)["extensions"]
+    with pytest.raises(InferenceServerException) as info:
+        triton.get_model_config("no_such_model")
+    assert "Request for unknown model: 'no_such_model' is not found" in info.value.message()
+
+
+def test_metrics_count_each_model_separately(all_models_server, triton, digits, helpers):
+    before = helpers.scrape(all_models_server)
+    for model in MODELS:
+        triton.infer(model, _inputs(digits[0][:3]))
+    with pytest.raises(InferenceServerException):
+        triton.infer(MODELS[1], _inputs(digits[0][:3]), outputs=[tc.InferRequestedOutput("nope")])
+    after = helpers.scrape(all_models_server)
+
+    def delta(name, model, **labels):
+        return (helpers.metric(after, name, model=model, version="1", **labels)
+                - helpers.metric(before, name, model=model, version="1", **labels))
+
+    for model in MODELS:
+        assert delta("nv_inference_request_success", model) == 1
+        assert delta("nv_inference_count", model) == 3 and delta("nv_inference_exec_count", model) == 1
+    assert delta("nv_inference_request_failure", MODELS[1], reason="OTHER") == 1
+    assert delta("nv_inference_request_failure", MODELS[0]) == 0

@@ -22,7 +22,11 @@ from PIL import Image, ImageDraw
 from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
 
+triton_pb = pytest.importorskip("tritonclient.grpc.service_pb2")
+triton_grpc = pytest.importorskip("tritonclient.grpc.service_pb2_grpc")
+
 SERVICE = "lsoftmax.v1.DigitService"
+MODEL = "lsoftmax_mnist_torchscript"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -38,6 +42,14 @@ def test_health_transitions(model_repository, helpers):
             with pytest.raises(grpc.RpcError) as info:
                 pb_grpc.DigitServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "not loaded" in info.value.details()
+            kserve = triton_grpc.GRPCInferenceServiceStub(channel)
+            assert not kserve.ServerReady(triton_pb.ServerReadyRequest(), timeout=5).ready
+            assert not kserve.ModelReady(triton_pb.ModelReadyRequest(name=MODEL), timeout=5).ready
+            infer = triton_pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[bytes(784)])
+            infer.inputs.add(name="image", datatype="UINT8", shape=[1, 1, 28, 28])
+            with pytest.raises(grpc.RpcError) as info:
+                kserve.ModelInfer(infer, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
             watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=60)
             assert next(watch).status == NOT_SERVING
@@ -103,7 +115,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model_repository, helpe
 
 
 def _run_server(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving", "--port", "0", "--log-format", "text", *args],
+    return subprocess.run([sys.executable, "-m", "serving", "--port", "0", "--metrics-port", "0", "--log-format", "text",
+                           *args],
                           cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
@@ -147,4 +160,20 @@ def test_cuda_without_a_gpu_is_refused(model_repository, helpers):
     result = _run_server("--model-repository", str(model_repository), "--backend", "torchscript", "--device", "cuda",
                          cwd=helpers.PROJECT_ROOT)
     assert result.returncode == 1 and "no CUDA GPU is available" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_batching_and_metrics_flags_are_refused(model_repository, helpers):
+    result = _run_server("--model-repository", str(model_repository), "--backend", "onnx", "--device", "cpu",
+                         "--max-batch-size", "1000", cwd=helpers.PROJECT_ROOT)
+    assert result.returncode == 1 and "exceeds model 'lsoftmax_mnist_onnx'" in result.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "serving", "--model-repository", str(model_repository),
+                                 "--backend", "onnx", "--device", "cpu", "--port", "0", "--metrics-port", str(port),
+                                 "--log-format", "text"], cwd=helpers.PROJECT_ROOT, capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 1 and "cannot bind the metrics endpoint" in result.stderr
     assert "Traceback" not in result.stderr

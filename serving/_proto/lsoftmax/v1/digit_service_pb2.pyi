@@ -116,7 +116,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "net", "margin", "num_classes", "embedding_dim", "test_accuracy", "model_sha256", "backend", "device", "onnx_providers", "max_images_per_request", "max_message_bytes", "manifest_json")
+    __slots__ = ("model_name", "model_version", "net", "margin", "num_classes", "embedding_dim", "test_accuracy", "model_sha256", "backend", "device", "onnx_providers", "max_images_per_request", "max_message_bytes", "manifest_json", "dynamic_batching", "max_batch_size", "max_queue_delay_us", "max_queue_size")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NET_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,10 @@ class GetModelInfoResponse(_message.Message):
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_BATCHING_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     net: str
@@ -145,4 +149,8 @@ class GetModelInfoResponse(_message.Message):
     max_images_per_request: int
     max_message_bytes: int
     manifest_json: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., net: _Optional[str] = ..., margin: _Optional[int] = ..., num_classes: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., model_sha256: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., onnx_providers: _Optional[_Iterable[str]] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    dynamic_batching: bool
+    max_batch_size: int
+    max_queue_delay_us: int
+    max_queue_size: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., net: _Optional[str] = ..., margin: _Optional[int] = ..., num_classes: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., model_sha256: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., onnx_providers: _Optional[_Iterable[str]] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., manifest_json: _Optional[str] = ..., dynamic_batching: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,234 @@
+"""Dynamic batching: requests of concurrent callers coalesced into one backend call, off the event loop.
+
+    batcher = DynamicBatcher(backend.infer, BatchingConfig(max_batch_size=256, max_queue_delay_us=500,
+                                                           max_queue_size=1024), stats)
+    logits, embedding = await batcher.infer(uint8_images)   # [n, 1, 28, 28] → this caller's rows only
+
+One queue and one worker thread per model (one copy of the model per device). Everything but the backend
+call runs on the event loop thread, so the queue needs no locks and a request costs no thread hop of its
+own: per batch there is one hand-off to the worker and one back (call_soon_threadsafe).
+
+Scheduling, designed so that batching costs nothing when the server is idle:
+- Backend idle: the queue is dispatched on the next turn of the event loop (call_soon, no timer), so a lone
+  request waits for nothing while every request that arrived in the same turn joins it.
+- Backend busy: requests queue up; when the running batch finishes, everything queued (up to
+  max_batch_size images, oldest first) goes to the backend at once. Under load batches therefore grow by
+  themselves to what arrived during one execution, with no delay setting at all.
+- max_queue_delay_us (Triton's max_queue_delay_microseconds) only applies when waiting can help: when the
+  backend is idle and fewer requests are queued than the previous batch carried (so more callers are
+  probably on their way back), the batch waits until that many have arrived, max_batch_size images are
+  queued, or the oldest request has waited max_queue_delay_us, whichever comes first. A lone client (whose
+  batches hold one request) never waits.
+- A request larger than max_batch_size is split into max_batch_size chunks (each its own queue entry) and
+  its rows are put back together in order. Results go to each caller as views of the batch output, rows
+  offset..offset+n, in queue order.
+- More than max_queue_size queue entries (0: unbounded) → serving.errors.Overloaded ("Exceeds maximum queue
+  size", UNAVAILABLE as Triton answers). A caller that goes away (cancelled) while queued is skipped.
+- enabled=False (--no-dynamic-batching): each request (or max_batch_size chunk) is its own backend call,
+  handed to the worker thread's FIFO at once; max_queue_size bounds the calls waiting there. For
+  comparisons and for models that must see one request at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import deque
+from concurrent.futures import Future as WorkerFuture
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from serving.errors import NotReady, Overloaded
+from serving.metrics import ModelStats
+
+__all__ = ["BatchingConfig", "DynamicBatcher"]
+
+Outputs = tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 256
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 1024  # queue entries; 0 = unbounded
+    enabled: bool = True
+
+
+class _Entry:
+    __slots__ = ("images", "size", "future", "enqueued_ns")
+
+    def __init__(self, images: np.ndarray, future: asyncio.Future) -> None:
+        self.images = images
+        self.size = len(images)
+        self.future = future
+        self.enqueued_ns = time.perf_counter_ns()
+
+
+class DynamicBatcher:
+    def __init__(self, infer: Callable[[np.ndarray], Outputs], config: BatchingConfig, stats: ModelStats,
+                 name: str = "model") -> None:
+        """infer: the backend call, uint8 [N, 1, 28, 28] → arrays with N rows; runs in the worker thread."""
+        if config.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {config.max_batch_size}")
+        self.config = config
+        self.stats = stats
+        self._infer = infer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._delay_ns = config.max_queue_delay_us * 1000 if config.enabled else 0
+        self._queue: deque[_Entry] = deque()
+        self._queued_images = 0
+        self._running = False  # a batch is in the worker thread
+        self._outstanding = 0  # without batching: calls handed to the worker and not finished
+        self._scheduled = False  # a dispatch is pending (next loop turn, or a delay timer)
+        self._timer: asyncio.TimerHandle | None = None
+        self._expected = 1  # requests in the previous batch: how many callers may be on their way back
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        stats.pending = self.pending
+
+    def pending(self) -> int:
+        """Queue entries waiting for the backend (not counting the running batch)."""
+        return len(self._queue) if self.config.enabled else max(0, self._outstanding - 1)
+
+    async def infer(self, images: np.ndarray) -> Outputs:
+        """uint8 [n, 1, 28, 28] (n >= 1) → the backend's outputs for these n rows, computed in some batch."""
+        limit = self.config.max_batch_size
+        if len(images) <= limit:
+            (future,) = self._put((images,))
+            return await future
+        futures = self._put([images[i:i + limit] for i in range(0, len(images), limit)])
+        parts = await asyncio.gather(*futures)
+        return tuple(np.concatenate(rows) for rows in zip(*parts))
+
+    def _put(self, chunks: Sequence[np.ndarray]) -> list[asyncio.Future]:
+        if self._closed:
+            raise NotReady("the server is shutting down")
+        size = self.config.max_queue_size
+        if size and self.pending() + len(chunks) > size:
+            raise Overloaded(f"Exceeds maximum queue size: {self.pending()} requests are queued for model "
+                             f"'{self.stats.model}' (--max-queue-size {size}); retry later")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        futures = []
+        for chunk in chunks:
+            entry = _Entry(chunk, self._loop.create_future())
+            futures.append(entry.future)
+            if self.config.enabled:
+                self._queue.append(entry)
+                self._queued_images += entry.size
+            else:
+                self._outstanding += 1
+                self._submit([entry])
+        if self.config.enabled:
+            self._kick()
+        return futures
+
+    def _enough(self) -> bool:
+        return len(self._queue) >= self._expected or self._queued_images >= self.config.max_batch_size
+
+    def _kick(self) -> None:
+        """After an enqueue: make sure a dispatch will happen (a finishing batch dispatches by itself)."""
+        if self._running:
+            return
+        if self._timer is not None:
+            if not self._enough():
+                return
+            self._timer.cancel()  # the batch filled up before its delay ran out
+            self._timer = None
+            self._scheduled = False
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        self._timer = None
+        if self._running:
+            return
+        queue = self._queue
+        while queue and queue[0].future.done():  # callers that went away while queued
+            self._queued_images -= queue.popleft().size
+        if not queue:
+            return
+        if self._delay_ns and not self._enough():
+            wait_ns = queue[0].enqueued_ns + self._delay_ns - time.perf_counter_ns()
+            if wait_ns > 0:
+                self._scheduled = True
+                self._timer = self._loop.call_later(wait_ns / 1e9, self._dispatch)
+                return
+        limit = self.config.max_batch_size if self.config.enabled else 0
+        entries: list[_Entry] = []
+        images = 0
+        while queue:
+            entry = queue[0]
+            if not entry.future.done():
+                if entries and images + entry.size > limit:
+                    break
+                entries.append(entry)
+                images += entry.size
+            queue.popleft()
+            self._queued_images -= entry.size
+        if entries:
+            self._running = True
+            self._submit(entries)
+
+    def _submit(self, entries: list[_Entry]) -> None:
+        job = self._pool.submit(self._execute, [e.images for e in entries])
+        job.add_done_callback(functools.partial(self._from_worker, entries))
+
+    def _execute(self, arrays: list[np.ndarray]) -> tuple[Outputs, int, int]:
+        """Worker thread: one backend call on the concatenated batch; returns (outputs, start_ns, end_ns)."""
+        start = time.perf_counter_ns()
+        batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        outputs = self._infer(batch)
+        if any(len(o) != len(batch) for o in outputs):  # rows would go to the wrong callers
+            raise RuntimeError(f"the backend returned {[len(o) for o in outputs]} rows for {len(batch)} images")
+        return outputs, start, time.perf_counter_ns()
+
+    def _from_worker(self, entries: list[_Entry], job: WorkerFuture) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._finish, entries, job)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
+
+    def _finish(self, entries: list[_Entry], job: WorkerFuture) -> None:
+        if not self.config.enabled:
+            self._outstanding -= 1
+        self._running = False
+        try:
+            if job.cancelled():  # close() dropped it before it ran
+                raise NotReady("the server is shutting down")
+            outputs, start, end = job.result()
+        except BaseException as exc:  # the backend failed: every caller of this batch gets the error
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+        else:
+            offset = queue_ns = 0
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_result(tuple(o[offset:offset + entry.size] for o in outputs))
+                offset += entry.size
+                queue_ns += start - entry.enqueued_ns
+            self.stats.record_execution(offset, queue_ns, len(entries), end - start)
+        self._expected = len(entries)
+        if self._queue and not self._scheduled:
+            self._dispatch()
+
+    def close(self) -> None:
+        """Refuse new requests, fail the queued ones (UNAVAILABLE), wait for the running batch. Call it on the
+        event loop thread after the server stopped taking calls."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queue:
+            entry = self._queue.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(NotReady("the server is shutting down"))
+        self._queued_images = 0
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,188 @@
+"""Transport security and bearer-token authentication, for the server, the client library and the probe.
+
+Server (python -m serving):
+    --tls-cert server.pem --tls-key server.key         TLS; plaintext clients cannot connect
+    --tls-client-ca ca.pem                             mutual TLS: clients must present a certificate it signed
+    --auth-token-file token.txt (or --auth-token T, or env LSOFTMAX_AUTH_TOKEN)
+        every call must carry `authorization: Bearer <token>` metadata, else UNAUTHENTICATED; the token is
+        compared in constant time (hmac.compare_digest). grpc.health.v1.Health stays open, so load balancers
+        and `python -m serving.probe` need no token.
+Client side (serving.client, serving.probe, python -m serving.client):
+    client_channel(address, tls_ca=..., tls_cert=..., tls_key=...) → a TLS channel (tls_ca: the CA that signed
+    the server's certificate; tls=True alone: the system roots; cert/key for mutual TLS), else plaintext;
+    the token travels as call metadata (bearer_metadata). add_client_args / client_kwargs give command lines
+    --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name, --token, --token-file (env LSOFTMAX_AUTH_TOKEN).
+
+A token sent without TLS crosses the network in clear text: the server logs a warning when it is bound to a
+non-loopback address without TLS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from serving.errors import StartupError
+
+__all__ = ["TokenAuth", "TlsConfig", "PUBLIC_METHOD_PREFIXES", "TOKEN_ENV", "read_token", "channel_credentials",
+           "client_channel", "bearer_metadata", "add_client_args", "client_kwargs"]
+
+TOKEN_ENV = "LSOFTMAX_AUTH_TOKEN"
+# Open without a token: health checks (probes, load balancers) must work before anyone has credentials.
+PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def _read(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read the {what} {path} ({exc.strerror or exc})") from None
+    return data
+
+
+def _pem(path: str | os.PathLike, what: str) -> bytes:
+    data = _read(path, what)
+    if b"-----BEGIN " not in data:
+        raise StartupError(f"{path}: the {what} is not PEM (no '-----BEGIN' line)")
+    return data
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The server's TLS files (PEM). client_ca set → clients must present a certificate signed by it."""
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    @classmethod
+    def from_args(cls, cert: str | None, key: str | None, client_ca: str | None) -> "TlsConfig | None":
+        if not cert and not key:
+            if client_ca:
+                raise StartupError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+            return None
+        if not (cert and key):
+            raise StartupError("--tls-cert and --tls-key go together")
+        return cls(cert, key, client_ca)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Read and check the files (a certificate chain and its own private key, a CA) → gRPC credentials."""
+        chain, key = _pem(self.cert, "TLS certificate"), _pem(self.key, "TLS private key")
+        root = _pem(self.client_ca, "client CA certificate") if self.client_ca else None
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # gRPC would only say "cannot bind"; ssl says why
+        try:
+            check.load_cert_chain(self.cert, self.key)
+        except (ssl.SSLError, ValueError) as exc:
+            raise StartupError(f"--tls-cert {self.cert} / --tls-key {self.key}: not a certificate chain and its "
+                               f"private key ({exc})") from None
+        if self.client_ca:
+            try:
+                check.load_verify_locations(self.client_ca)
+            except (ssl.SSLError, ValueError) as exc:
+                raise StartupError(f"--tls-client-ca {self.client_ca}: not a CA certificate ({exc})") from None
+        return grpc.ssl_server_credentials([(key, chain)], root_certificates=root, require_client_auth=root is not None)
+
+
+def read_token(token: str | None, token_file: str | None, environ=os.environ) -> str | None:
+    """--auth-token / --auth-token-file / $LSOFTMAX_AUTH_TOKEN (first one set) → the token, or None (no auth)."""
+    if token and token_file:
+        raise StartupError("give --auth-token or --auth-token-file, not both")
+    if token_file:
+        token = _read(token_file, "token file").decode("utf-8", "replace").strip()
+        if not token:
+            raise StartupError(f"{token_file}: the token file is empty")
+    elif token is None:
+        token = environ.get(TOKEN_ENV) or None
+    if token is not None and (not token.strip() or any(c.isspace() for c in token.strip())):
+        raise StartupError("the auth token must be non-empty and contain no whitespace")
+    return token.strip() if token else None
+
+
+class TokenAuth:
+    """Checks `authorization: Bearer <token>` call metadata in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode("utf-8")
+
+    @staticmethod
+    def public(method: str) -> bool:
+        return method.startswith(PUBLIC_METHOD_PREFIXES)
+
+    def check(self, metadata) -> bool:
+        """metadata: the call's invocation metadata, a sequence of (key, value) pairs (keys lowercase)."""
+        for key, value in metadata or ():
+            if key == "authorization":
+                if isinstance(value, bytes):
+                    value = value.decode("latin-1")
+                scheme, _, credential = value.strip().partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(credential.strip().encode("utf-8"),
+                                                                          self._token)
+        return False
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries `token` (empty without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def channel_credentials(ca: str | None = None, cert: str | None = None, key: str | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials for a client channel: ca verifies the server (None: system roots); cert+key for mTLS."""
+    if bool(cert) != bool(key):
+        raise ValueError("a client certificate needs its key (--tls-cert and --tls-key go together)")
+
+    def read(path, what):
+        try:
+            return Path(path).read_bytes() if path else None
+        except OSError as exc:
+            raise ValueError(f"cannot read the {what} {path} ({exc.strerror or exc})") from None
+
+    return grpc.ssl_channel_credentials(read(ca, "CA certificate"), read(key, "client key"),
+                                        read(cert, "client certificate"))
+
+
+def client_channel(address: str, *, tls: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
+                   tls_key: str | None = None, tls_server_name: str | None = None, options=()) -> grpc.Channel:
+    """A plaintext channel, or a TLS one when tls is set or any tls_* file is given."""
+    options = list(options)
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    if tls or tls_ca or tls_cert or tls_key:
+        return grpc.secure_channel(address, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
+def add_client_args(p: argparse.ArgumentParser, token: bool = True) -> None:
+    """TLS (and token) options of the client CLI and the probe."""
+    p.add_argument("--tls", action="store_true", help="use TLS, verifying the server against the system's CAs")
+    p.add_argument("--tls-ca", default=None, help="PEM CA that signed the server's certificate (implies --tls)")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate, for servers that require one (mTLS)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-server-name", default=None,
+                   help="name to check the server's certificate against (default: the host dialled)")
+    if token:
+        p.add_argument("--token", default=None,
+                       help=f"bearer token for servers started with one (default: env {TOKEN_ENV})")
+        p.add_argument("--token-file", default=None, help="file holding the bearer token")
+
+
+def client_kwargs(args: argparse.Namespace, environ=os.environ) -> dict:
+    """client_channel(...) keyword arguments, plus `token`, from add_client_args' options; ValueError on an
+    unreadable token file."""
+    kwargs = dict(tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                  tls_server_name=args.tls_server_name)
+    if hasattr(args, "token"):
+        token = args.token
+        if args.token_file:
+            try:
+                token = Path(args.token_file).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read the token file {args.token_file} ({exc.strerror or exc})") from None
+        elif token is None:
+            token = environ.get(TOKEN_ENV) or None
+        kwargs["token"] = token
+    return kwargs

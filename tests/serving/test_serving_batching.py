@@ -1,0 +1,258 @@
+"""serving.batching.DynamicBatcher in-process with a fake backend (no gRPC): callers get exactly their own rows,
+concurrent requests share backend calls, a lone request never waits for the queue delay, large requests are
+split, the queue bound answers Overloaded, failures and cancellations stay contained, close() fails what is
+queued. Run: .venv/bin/python -m pytest tests/serving/test_serving_batching.py -q"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.batching import BatchingConfig, DynamicBatcher
+from serving.errors import NotReady, Overloaded
+from serving.metrics import ModelStats
+
+
+class FakeBackend:
+    """Outputs that identify each input row: (row sums [N, 1], first three pixels [N, 3]); records batch sizes.
+    `gate` (a threading.Event) holds every call until set; `delay` seconds per call."""
+
+    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None, fail: bool = False) -> None:
+        self.delay = delay
+        self.gate = gate
+        self.fail = fail
+        self.batches: list[int] = []
+        self.started = threading.Event()
+
+    def __call__(self, images: np.ndarray):
+        self.batches.append(len(images))
+        self.started.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("backend exploded")
+        flat = images.reshape(len(images), -1).astype(np.float32)
+        return flat.sum(1, keepdims=True), flat[:, :3].copy()
+
+
+def expected(images: np.ndarray):
+    return FakeBackend()(images)
+
+
+def make(backend, **config) -> DynamicBatcher:
+    return DynamicBatcher(backend, BatchingConfig(**config), ModelStats("m", "1"), name="test")
+
+
+def digits(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_concurrent_callers_get_exactly_their_own_rows_and_share_calls():
+    backend = FakeBackend(delay=0.01)
+    batcher = make(backend, max_batch_size=64, max_queue_delay_us=0)
+    requests = [digits(1 + i % 5, seed=i) for i in range(40)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.infer(x) for x in requests))
+
+    results = run(main())
+    for x, got in zip(requests, results):
+        for a, b in zip(got, expected(x)):
+            np.testing.assert_array_equal(a, b)
+    assert sum(backend.batches) == sum(len(x) for x in requests)
+    assert len(backend.batches) < len(requests) and max(backend.batches) > 5
+    stats = batcher.stats
+    assert stats.exec_count == len(backend.batches) and stats.inference_count == sum(backend.batches)
+    batcher.close()
+
+
+def test_requests_arriving_while_the_backend_is_busy_form_the_next_batch():
+    gate = threading.Event()
+    backend = FakeBackend(gate=gate)
+    batcher = make(backend, max_batch_size=256, max_queue_delay_us=0)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.infer(digits(1, 0)))
+        await asyncio.sleep(0.01)  # the first request is in the backend
+        assert backend.started.wait(5)
+        rest = [asyncio.ensure_future(batcher.infer(digits(2, i))) for i in range(1, 11)]
+        await asyncio.sleep(0.01)
+        assert batcher.pending() == 10
+        gate.set()
+        await asyncio.gather(first, *rest)
+
+    run(main())
+    assert backend.batches == [1, 20]
+    batcher.close()
+
+
+def test_a_lone_request_does_not_wait_for_the_queue_delay():
+    backend = FakeBackend()
+    batcher = make(backend, max_batch_size=256, max_queue_delay_us=2_000_000)  # 2 s
+
+    async def main():
+        times = []
+        for i in range(5):
+            start = time.perf_counter()
+            await batcher.infer(digits(1, i))
+            times.append(time.perf_counter() - start)
+        return times
+
+    times = run(main())
+    assert max(times) < 0.5, times
+    assert backend.batches == [1] * 5
+    batcher.close()
+
+
+def test_the_queue_delay_gathers_as_many_requests_as_the_last_batch_had():
+    gate = threading.Event()
+    backend = FakeBackend(gate=gate)
+    batcher = make(backend, max_batch_size=256, max_queue_delay_us=2_000_000)
+
+    async def main():
+        # Batch 1: one request; 4 more arrive while it runs → batch 2 holds 4 (the backend was busy).
+        first = asyncio.ensure_future(batcher.infer(digits(1, 0)))
+        await asyncio.sleep(0.01)
+        assert backend.started.wait(5)
+        second = [asyncio.ensure_future(batcher.infer(digits(1, i))) for i in range(1, 5)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(first, *second)
+        # The backend is idle and the last batch had 4 requests: 4 staggered arrivals still share one call.
+        third = []
+        for i in range(4):
+            third.append(asyncio.ensure_future(batcher.infer(digits(1, 10 + i))))
+            await asyncio.sleep(0.02)
+        start = time.perf_counter()
+        await asyncio.gather(*third)
+        return time.perf_counter() - start
+
+    waited = run(main())
+    assert backend.batches == [1, 4, 4]
+    assert waited < 1.0  # released by the fourth arrival, not by the 2 s delay
+    batcher.close()
+
+
+def test_a_request_larger_than_the_max_batch_is_split_and_reassembled():
+    backend = FakeBackend()
+    batcher = make(backend, max_batch_size=4)
+    x = digits(10, 1)
+    got = run(batcher.infer(x))
+    for a, b in zip(got, expected(x)):
+        np.testing.assert_array_equal(a, b)
+    assert backend.batches == [4, 4, 2]
+    assert max(backend.batches) <= 4
+    batcher.close()
+
+
+def test_the_queue_bound_refuses_with_triton_words():
+    gate = threading.Event()
+    backend = FakeBackend(gate=gate)
+    batcher = make(backend, max_batch_size=256, max_queue_size=3)
+
+    async def main():
+        running = asyncio.ensure_future(batcher.infer(digits(1, 0)))
+        await asyncio.sleep(0.01)
+        assert backend.started.wait(5)
+        queued = [asyncio.ensure_future(batcher.infer(digits(1, i))) for i in range(1, 4)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="^Exceeds maximum queue size"):
+            await batcher.infer(digits(1, 9))
+        with pytest.raises(Overloaded):  # a split request needs room for all its chunks
+            await batcher.infer(digits(600, 9))
+        gate.set()
+        await asyncio.gather(running, *queued)
+        return await batcher.infer(digits(1, 5))  # room again
+
+    run(main())
+    batcher.close()
+
+
+def test_without_batching_every_request_is_its_own_call():
+    backend = FakeBackend(delay=0.005)
+    batcher = make(backend, max_batch_size=4, enabled=False)
+    requests = [digits(3, i) for i in range(8)] + [digits(9, 99)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.infer(x) for x in requests))
+
+    for x, got in zip(requests, run(main())):
+        np.testing.assert_array_equal(got[0], expected(x)[0])
+    assert sorted(backend.batches) == sorted([3] * 8 + [4, 4, 1])
+    batcher.close()
+
+
+def test_a_backend_failure_reaches_every_caller_of_the_batch_and_the_next_batch_works():
+    backend = FakeBackend(fail=True)
+    batcher = make(backend, max_batch_size=16)
+
+    async def main():
+        results = await asyncio.gather(*(batcher.infer(digits(1, i)) for i in range(3)), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results)
+        backend.fail = False
+        return await batcher.infer(digits(2, 7))
+
+    got = run(main())
+    np.testing.assert_array_equal(got[0], expected(digits(2, 7))[0])
+    batcher.close()
+
+
+def test_a_cancelled_caller_is_skipped():
+    gate = threading.Event()
+    backend = FakeBackend(gate=gate)
+    batcher = make(backend, max_batch_size=16)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.infer(digits(1, 0)))
+        await asyncio.sleep(0.01)
+        assert backend.started.wait(5)
+        gone = asyncio.ensure_future(batcher.infer(digits(5, 1)))
+        kept = asyncio.ensure_future(batcher.infer(digits(2, 2)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        gate.set()
+        await asyncio.gather(first, kept)
+
+    run(main())
+    assert backend.batches == [1, 2]
+    batcher.close()
+
+
+def test_close_fails_queued_requests_and_refuses_new_ones():
+    gate = threading.Event()
+    backend = FakeBackend(gate=gate)
+    batcher = make(backend, max_batch_size=16)
+
+    async def main():
+        running = asyncio.ensure_future(batcher.infer(digits(1, 0)))
+        await asyncio.sleep(0.01)
+        assert backend.started.wait(5)
+        queued = asyncio.ensure_future(batcher.infer(digits(1, 1)))
+        await asyncio.sleep(0)
+        threading.Timer(0.05, gate.set).start()
+        batcher.close()  # waits for the running call
+        await asyncio.sleep(0)
+        with pytest.raises(NotReady):
+            await queued
+        with pytest.raises(NotReady):
+            await batcher.infer(digits(1, 2))
+        return await running
+
+    run(main())
+
+
+def test_a_backend_returning_the_wrong_number_of_rows_fails_the_batch():
+    batcher = make(lambda x: (np.zeros((len(x) + 1, 1), np.float32),), max_batch_size=8)
+    with pytest.raises(RuntimeError, match="rows for 2 images"):
+        run(batcher.infer(digits(2, 0)))
+    batcher.close()
