@@ -36,3 +36,25 @@ def test_gpu_script_is_valid_bash_and_names_real_modules():
         if path.with_suffix(".py").relative_to(root).as_posix() in optional:
             continue
         assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), module
+
+
+def test_serve_bench_runs(tmp_path):
+    """One short point against the tiny linear repository: table, goals and a perf_analyzer-style CSV."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, str(root / "bench" / "loadgen.py"), "tiny-repo", str(tmp_path / "repo")],
+                   check=True, capture_output=True)
+    out = tmp_path / "serve.csv"
+    result = subprocess.run([sys.executable, "-m", "bench.serve", "--model-repository", str(tmp_path / "repo"),
+                             "--backends", "onnx", "--apis", "kserve", "--batching", "on", "--concurrency", "1",
+                             "--window-seconds", "0.5", "--max-windows", "1", "--client-processes", "1",
+                             "--output", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| onnx | on | kserve | 1 |" in result.stdout and "goal ≤ 0.5 ms" in result.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["Concurrency"] == "1" and float(rows[0]["Inferences/Second"]) > 0
+    assert rows[0]["errors"] == "{}"

@@ -10,7 +10,7 @@
 - `reference_outputs`: the exported graph run in-process (onnxruntime / torch.jit.load), the independent
   answer the server's results are compared with.
 - `scrape(server)`: the server's Prometheus metrics as {(name, labels...): value}; `loadgen(*args)`: runs
-  tests/serving/loadgen.py (closed-loop load in its own processes) and returns its JSON summary.
+  bench/loadgen.py (closed-loop load in its own processes) and returns its JSON summary.
 tritonclient's generated `inference.*` messages clash with ours in one process: no test imports
 serving._proto.inference (or serving.server / serving.kserve) in the pytest process; servers run in subprocesses.
 Test modules cannot import this file by name (tests/conftest.py owns that name), so the helpers reach them
@@ -189,8 +189,8 @@ def metric(samples: dict, name: str, **labels) -> float:
 
 
 def loadgen(*args: str, timeout: float = 300) -> dict:
-    """tests/serving/loadgen.py ARGS... in a subprocess; its JSON summary."""
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("loadgen.py")), *args],
+    """bench/loadgen.py ARGS... in a subprocess; its JSON summary."""
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / "loadgen.py"), *args],
                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -60,7 +60,8 @@ def test_health_transitions(model_repository, helpers):
             server.proc.send_signal(signal.SIGTERM)
             assert next(watch).status == NOT_SERVING
             assert list(watch) == []  # the stream ends (OK) instead of holding shutdown for the grace period
-        assert server.stop() == 0
+        code = server.stop()
+        assert code == 0, "server log:\n" + "\n".join(server.lines[-60:])
         assert server.wait_for("stopped")
     finally:
         server.kill()

@@ -2,7 +2,7 @@
 on loopback: concurrent clients (typed API and KServe) get the answers they get alone while batches form (seen
 in the Prometheus counters), large requests are split, the queue bound answers UNAVAILABLE, 20,000 requests at
 concurrency 64 leave no errors and no RSS growth, SIGTERM under load loses no accepted request.
-Load comes from tests/serving/loadgen.py (its own processes). The fuzz test lives in test_serving_fuzz.py.
+Load comes from bench/loadgen.py (its own processes). The fuzz test lives in test_serving_fuzz.py.
 Run: .venv/bin/python -m pytest tests/serving/test_serving_load.py -q   (about 20 s; the 20,000 requests take 10)"""
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def test_sigterm_under_load_loses_no_accepted_request(model_repository, helpers)
                                    "--grace-seconds", "20").start()
     try:
         load = subprocess.Popen(
-            [sys.executable, str(helpers.PROJECT_ROOT / "tests/serving/loadgen.py"), "run", "--address",
+            [sys.executable, str(helpers.PROJECT_ROOT / "bench/loadgen.py"), "run", "--address",
              server.address, "--api", "kserve", "--concurrency", "64", "--processes", "2", "--requests", "1000000",
              "--stop-on-unavailable", "--startup", "0.5"],
             cwd=helpers.PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,11 +1,9 @@
 """Closed-loop load generator for the server (KServe ModelInfer or typed Classify), and a tiny model repository.
 
-    python tests/serving/loadgen.py run --address 127.0.0.1:50051 --api kserve --concurrency 64 --processes 2 \
+    python bench/loadgen.py run --address 127.0.0.1:50051 --api kserve --concurrency 64 --processes 2 \
         --duration 5 [--batch 1] [--check] [--client aio|tritonclient] [--token T] [--tls-ca CA.pem]
-    python tests/serving/loadgen.py run ... --requests 20000            # a fixed number instead of a time window
-    python tests/serving/loadgen.py tiny-repo OUT                       # a linear-model repository (see below)
-    python tests/serving/loadgen.py sweep --model-repository REPO --config "batching=--backend onnx" \
-        --config "no-batching=--backend onnx --no-dynamic-batching" --api kserve typed --concurrency 1 16 64
+    python bench/loadgen.py run ... --requests 20000            # a fixed number instead of a time window
+    python bench/loadgen.py tiny-repo OUT                       # a linear-model repository (see below)
 
 `run`: N clients, each with one request in flight (perf_analyzer's concurrency mode), spread over P processes
 (one Python process cannot saturate the server). With --duration the first --warmup seconds are not counted
@@ -17,15 +15,12 @@ seconds, requests/s, images/s and latency percentiles in ms. (--tolerance widens
 so the server gets most of the CPU; --client tritonclient uses tritonclient's InferenceServerClient.infer
 in threads, as a typical user would (KServe only).
 
-`sweep`: for each round, each config (NAME=server flags) and each API: start `python -m serving` with those
-flags, run `run` at each concurrency, stop it; configs alternate within a round so a noisy shared machine
-affects them alike. Prints one line per measurement and a median table (images/s, p50 ms) at the end.
-
 `tiny-repo`: a model repository in the export layout whose ONNX graph is one matmul (uint8 image → 16-D
 embedding → 10 logits). Its in-process limit is far above the server's, so serving it measures per-request
 overhead, as DESIGN §7's peer figures do.
 
 Runs as a script (its own process: tritonclient's `inference.*` messages must not meet the server's).
+`python -m bench.serve` drives it for the perf_analyzer-style sweep; the serving tests use it for load.
 """
 
 from __future__ import annotations
@@ -45,7 +40,7 @@ import numpy as np
 
 KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
 TYPED_CLASSIFY = "/lsoftmax.v1.DigitService/Classify"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------- tiny-repo
@@ -371,76 +366,14 @@ def run(args) -> dict:
             "p50_ms": pct(50), "p90_ms": pct(90), "p95_ms": pct(95), "p99_ms": pct(99)}
 
 
-def sweep(args) -> int:
-    import shlex
-    import signal
-    import socket
-
-    rows: dict[tuple, list[dict]] = {}
-    for round_ in range(args.rounds):
-        for config in args.config:
-            name, _, flags = config.partition("=")
-            for api in args.api:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
-                server = subprocess.Popen(
-                    [sys.executable, "-m", "serving", "--model-repository", args.model_repository, "--port", str(port),
-                     "--metrics-port", "-1", "--device", "cpu", "--log-level", "warning", *shlex.split(flags)],
-                    cwd=PROJECT_ROOT, stderr=subprocess.DEVNULL)
-                try:
-                    probe = [sys.executable, "-m", "serving.probe", "--address", f"127.0.0.1:{port}", "--timeout", "1"]
-                    for _ in range(100):
-                        if subprocess.run(probe, cwd=PROJECT_ROOT, capture_output=True).returncode == 0:
-                            break
-                        time.sleep(0.2)
-                    for c in args.concurrency:
-                        rest = ["--address", f"127.0.0.1:{port}", "--api", api, "--concurrency", str(c),
-                                "--processes", str(min(args.processes, c)), "--duration", str(args.duration),
-                                "--warmup", str(args.warmup), "--batch", str(args.batch), "--client", args.client]
-                        out = subprocess.run([sys.executable, __file__, "run", *rest], cwd=PROJECT_ROOT,
-                                             capture_output=True, text=True, check=True).stdout
-                        result = json.loads(out.strip().splitlines()[-1])
-                        rows.setdefault((name, api, c), []).append(result)
-                        print(f"round {round_} {name:>14} {api:>6} c={c:<3} {result['images_per_s']:>8} img/s "
-                              f"p50 {result['p50_ms']} ms p99 {result['p99_ms']} ms errors {result['errors']}",
-                              flush=True)
-                finally:
-                    server.send_signal(signal.SIGTERM)
-                    server.wait(30)
-    print(f"\nmedian of {args.rounds} round(s), {args.duration} s windows, batch {args.batch}, client {args.client}:")
-    print(f"| config | api | " + " | ".join(f"c={c} img/s (p50 ms)" for c in args.concurrency) + " |")
-    print("|---|---|" + "---|" * len(args.concurrency))
-    for config in args.config:
-        name = config.partition("=")[0]
-        for api in args.api:
-            cells = []
-            for c in args.concurrency:
-                results = rows[(name, api, c)]
-                cells.append(f"{np.median([r['images_per_s'] for r in results]):.0f} "
-                             f"({np.median([r['p50_ms'] for r in results]):.2f})")
-            print(f"| {name} | {api} | " + " | ".join(cells) + " |")
-    return 0
-
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python tests/serving/loadgen.py", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python bench/loadgen.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("tiny-repo", help="write a linear-model repository")
     p.add_argument("out", type=Path)
     p.add_argument("--max-batch-size", type=int, default=256)
-    p = sub.add_parser("sweep", help="servers × APIs × concurrencies", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-repository", required=True)
-    p.add_argument("--config", action="append", required=True, help="NAME=server flags (repeatable)")
-    p.add_argument("--api", nargs="+", choices=("kserve", "typed"), default=["kserve"])
-    p.add_argument("--client", choices=("aio", "tritonclient"), default="aio")
-    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
-    p.add_argument("--processes", type=int, default=2, help="client processes (at most one per client)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--duration", type=float, default=5.0)
-    p.add_argument("--warmup", type=float, default=1.0)
-    p.add_argument("--rounds", type=int, default=1)
     p = sub.add_parser("run", help="closed-loop load", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--address", required=True)
     p.add_argument("--api", choices=("kserve", "typed"), default="kserve")
@@ -476,8 +409,6 @@ def main(argv: list[str]) -> int:
     if args.command == "tiny-repo":
         print(tiny_repo(args.out, args.max_batch_size))
         return 0
-    if args.command == "sweep":
-        return sweep(args)
     if args.worker >= 0:
         return _worker_main(args)
     sys.argv_rest = argv[1:]
