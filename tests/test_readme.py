@@ -81,11 +81,24 @@ def test_readme_covers_every_step():
     assert {"training", "training.data", "training.visualize", "export", "serving", "serving.client"} <= modules
 
 
+def test_client_flags_named_in_readme_exist():
+    from serving.client_cli import get_args_parser
+
+    parser = get_args_parser()
+    known = {opt for sub in parser._subparsers._group_actions[0].choices.values() for action in sub._actions
+             for opt in action.option_strings}
+    section = README.split("## Server configuration", 1)[1].split("##", 1)[0]
+    prose = "\n".join(line for line in section.splitlines() if not line.startswith("|"))
+    named = set(re.findall(r"`(--[a-z][a-z0-9-]*)", prose)) - {"--grace-seconds"}
+    assert named and named <= known, f"README names client flags that do not exist: {sorted(named - known)}"
+
+
 def test_server_flags_in_table_exist():
     from serving.server import get_args_parser
 
     known = {opt for action in get_args_parser()._actions for opt in action.option_strings}
-    table = README.split("## Server configuration", 1)[1].split("##", 1)[0]
+    section = README.split("## Server configuration", 1)[1].split("##", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
     named = set(re.findall(r"`(--[a-z][a-z0-9-]*)", table))
     assert named and named <= known, f"README names flags the server lacks: {sorted(named - known)}"
 
