@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -107,10 +108,12 @@ def write_results_md(docs: Path) -> Path:
     measured = {rec["model"] for rec in records}
     if "paper" not in measured:
         lines += ["## Not yet measured", "",
-                  "The `paper` net (Table 1 recipe, 18k iterations ≈ 77 epochs) takes about 8 minutes per epoch on the",
-                  "2-core CPU, so its rows need a GPU run: `python -m training.reproduce --model paper --seeds 0,1,2 "
-                  "--jobs 4` on a machine with one. Until then the table above is the `fast` net, which is a",
-                  "different, smaller network trained for 2 epochs: it is not comparable to the paper's numbers.", ""]
+                  "The `paper` net (Table 1 recipe, 18k iterations ≈ 77 epochs) trains at about 270 images/s on the",
+                  "2-core CPU (`python -m bench.train --nets paper`, BENCHMARKS.md): 3.7 minutes per epoch, 4.8 hours",
+                  "per margin and seed, so its rows need a GPU run: `python -m training.reproduce --model paper --seeds 0,1,2 "
+                  "--jobs 4` on a machine with one (`bench/gpu.sh` runs it). Until then the tables above are what the",
+                  "CPU can honestly produce: other, smaller or shorter-trained networks than the paper's, whose",
+                  "numbers are not comparable to the paper's column.", ""]
     if (docs / "fig2_features.png").exists():
         lines += ["## Fig. 2: 2-D test features of the `vis` net", "", "![features](fig2_features.png)", ""]
     path = docs / "results.md"
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
     train_args = load_checkpoint(out / f"m{margins[0]}_seed{seeds[0]}" / "last.pt")["config"]["train_args"]
     record = {
         "model": args.model, "rows": rows, "device": _device_name(args.device),
-        "command": "python -m training.reproduce " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m training.reproduce " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "recipe": (f"{train_args['epochs']} epochs, batch {train_args['batch_size']}, lr {train_args['lr']} "
                    f"({train_args['lr_schedule']}), SGD momentum {train_args['momentum']}, "
                    f"weight decay {train_args['weight_decay']}, beta schedule {train_args['beta_schedule']}"),

@@ -208,6 +208,22 @@ def test_amp_and_progress(tiny_mnist_root, tmp_path, capsys):
     assert weights_differ(last(tmp_path / "fp32"), last(tmp_path / "bf16"))
 
 
+def test_channels_last_flag_sets_the_memory_format(tiny_mnist_root, tmp_path, monkeypatch):
+    """Default (auto) trains in NHWC; --channels-last off keeps NCHW. The flag reaches the epoch loop."""
+    seen = []
+    real_epoch = train_mod.train_one_epoch
+
+    def spy(model, *args, **kwargs):
+        conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1]  # C_in > 1: unambiguous
+        seen.append((args[-1], conv.weight.is_contiguous(memory_format=torch.channels_last)))
+        return real_epoch(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", spy)
+    assert train(tiny_mnist_root, tmp_path / "nhwc", *SMALL) == 0
+    assert train(tiny_mnist_root, tmp_path / "nchw", *SMALL, "--channels-last", "off") == 0
+    assert seen == [(True, True), (False, False)]
+
+
 def test_cache_dir_is_where_the_data_comes_from(tmp_path, monkeypatch, capsys):
     """Without --data-dir the run reads the verified cache under --cache-dir (here a tiny one whose
     checksums stand in for MNIST's), and does not fetch anything when it is complete."""
@@ -251,7 +267,8 @@ def test_interrupted_and_resumed_run_matches_the_unbroken_one(unbroken_run, tiny
             yield batch
 
     def flaky_epoch(model, batches, *rest):
-        if rest[-1].startswith("epoch 3/"):
+        desc = next(arg for arg in rest if isinstance(arg, str))  # the progress description, "epoch E/N"
+        if desc.startswith("epoch 3/"):
             batches = interrupted(batches, after=2)
         return real_epoch(model, batches, *rest)
 
