@@ -59,3 +59,45 @@ def make_checkpoint(path, model: str = "fast", margin: int = 2, seed: int = 0, t
     metrics = {"epoch": 1, "test_acc": test_acc}
     save_checkpoint({"config": config, "model": net.state_dict(), "epoch": 1, "metrics": metrics}, path)
     return path
+
+
+# Parse the arguments with the command's real parser, then stop before it does any work. Runs in a fresh
+# process: the serving package's `inference.*` protos must not meet tritonclient's, which other tests import.
+_PARSE_ONLY = """
+import argparse, runpy, sys
+def _stop(self, args=None, namespace=None):
+    _original(self, args, namespace)
+    raise SystemExit(0)
+_original = argparse.ArgumentParser.parse_args
+argparse.ArgumentParser.parse_args = _stop
+target, sys.argv = sys.argv[1], sys.argv[1:]
+if target.endswith(".py"):
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+"""
+
+PROJECT_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def parse_only(words: list[str]):
+    """`python -m WORDS[0] WORDS[1:]` (or a script path) through its own argument parser only."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _PARSE_ONLY, *words], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def option_strings(factory: str) -> set[str]:
+    """Every option string of `module:get_args_parser` (subcommands included), read in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    module, func = factory.split(":")
+    code = (f"import json, argparse\nfrom {module} import {func}\np = {func}()\nparsers = [p] + [s for a in p._actions "
+            "if isinstance(a, argparse._SubParsersAction) for s in a.choices.values()]\n"
+            "print(json.dumps(sorted({o for q in parsers for a in q._actions for o in a.option_strings})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import parse_only
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -67,17 +68,16 @@ def _exec_form(rest: str) -> list[str]:
 
 
 def test_entrypoint_and_healthcheck_parse():
-    from serving.probe import get_args_parser as probe_parser
-    from serving.server import get_args_parser as server_parser
-
     serving = [(w, r) for s, w, r in INSTRUCTIONS if s == "serving"]
     entry = _exec_form(next(r for w, r in serving if w == "ENTRYPOINT"))
     assert entry[:3] == ["python", "-m", "serving"]
-    args = server_parser().parse_args(entry[3:])
-    assert args.host == "0.0.0.0" and args.port == 50051
+    assert entry[entry.index("--host") + 1] == "0.0.0.0" and entry[entry.index("--port") + 1] == "50051"
+    result = parse_only(entry[2:])
+    assert result.returncode == 0, result.stderr
     check = _exec_form(next(r for w, r in serving if w == "HEALTHCHECK").split("CMD", 1)[1])
     assert check[:3] == ["python", "-m", "serving.probe"] and (ROOT / "serving" / "probe.py").is_file()
-    probe_parser().parse_args(check[3:])
+    result = parse_only(check[2:])
+    assert result.returncode == 0, result.stderr
 
 
 def _requirements(lines) -> dict[str, str]:
@@ -101,8 +101,6 @@ def test_serving_requirements_agree_with_pyproject():
 
 
 def test_kubernetes_example():
-    from serving.server import get_args_parser
-
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()))
     kinds = {d["kind"]: d for d in docs}
     assert set(kinds) == {"Deployment", "Service"}
@@ -112,7 +110,8 @@ def test_kubernetes_example():
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"] == 50051
     entry = _exec_form(next(r for s, w, r in INSTRUCTIONS if s == "serving" and w == "ENTRYPOINT"))
-    get_args_parser().parse_args(entry[3:] + container["args"])
+    result = parse_only(entry[2:] + container["args"])
+    assert result.returncode == 0, result.stderr
     assert kinds["Service"]["spec"]["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
 
 

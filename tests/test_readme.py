@@ -13,32 +13,16 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support import option_strings, parse_only
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-
-# Parse the arguments with the real parser, then stop before the command does any work.
-_PARSE_ONLY = textwrap.dedent("""
-    import argparse, runpy, sys
-    def _stop(self, args=None, namespace=None):
-        _original(self, args, namespace)
-        raise SystemExit(0)
-    _original = argparse.ArgumentParser.parse_args
-    argparse.ArgumentParser.parse_args = _stop
-    target, sys.argv = sys.argv[1], sys.argv[1:]
-    if target.endswith(".py"):
-        runpy.run_path(target, run_name="__main__")
-    else:
-        runpy.run_module(target, run_name="__main__", alter_sys=True)
-""")
-
 
 def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
@@ -71,8 +55,7 @@ def test_readme_shows_both_commands_first():
 
 @pytest.mark.parametrize("words", COMMANDS, ids=[" ".join(c[:2]) for c in COMMANDS])
 def test_readme_command_parses(words):
-    result = subprocess.run([sys.executable, "-c", _PARSE_ONLY, *words], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = parse_only(words)
     assert result.returncode == 0, f"`{' '.join(words)}` does not parse:\n{result.stderr[-2000:]}"
 
 
@@ -82,11 +65,7 @@ def test_readme_covers_every_step():
 
 
 def test_client_flags_named_in_readme_exist():
-    from serving.client_cli import get_args_parser
-
-    parser = get_args_parser()
-    known = {opt for sub in parser._subparsers._group_actions[0].choices.values() for action in sub._actions
-             for opt in action.option_strings}
+    known = option_strings("serving.client_cli:get_args_parser")
     section = README.split("## Server configuration", 1)[1].split("##", 1)[0]
     prose = "\n".join(line for line in section.splitlines() if not line.startswith("|"))
     named = set(re.findall(r"`(--[a-z][a-z0-9-]*)", prose)) - {"--grace-seconds"}
@@ -94,9 +73,7 @@ def test_client_flags_named_in_readme_exist():
 
 
 def test_server_flags_in_table_exist():
-    from serving.server import get_args_parser
-
-    known = {opt for action in get_args_parser()._actions for opt in action.option_strings}
+    known = option_strings("serving.server:get_args_parser")
     section = README.split("## Server configuration", 1)[1].split("##", 1)[0]
     table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
     named = set(re.findall(r"`(--[a-z][a-z0-9-]*)", table))
