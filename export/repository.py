@@ -10,7 +10,6 @@ checks pass, so a failed export never leaves half a repository.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from export.graphs import (INPUT_NAME, OUTPUT_NAMES, load_onnx_session, load_tor
 from export.inference_module import build_inference_module
 from export.verify import check_parity
 from training.checkpoint import load_checkpoint, rebuild_model
+from training.data import sha256_file
 
 __all__ = ["MODEL_PREFIX", "MANIFEST_FORMAT", "ExportError", "export_repository", "config_pbtxt", "sha256_file"]
 
@@ -39,14 +39,6 @@ FORMATS = (
 
 class ExportError(RuntimeError):
     """The export could not be done; nothing was written to the output folder."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def config_pbtxt(name: str, backend: str, max_batch_size: int, num_classes: int, embedding_dim: int,

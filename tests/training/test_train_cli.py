@@ -232,7 +232,7 @@ def test_cache_dir_is_where_the_data_comes_from(tmp_path, monkeypatch, capsys):
 
     raw = write_synthetic_mnist(tmp_path / "cache", n_train=64, n_test=32) / "MNIST" / "raw"
     (raw / data.COMPLETE_MARKER).write_text("{}")
-    monkeypatch.setattr(data, "RAW_FILES", {n: data._sha256(raw / n) for n in data.RAW_FILES})
+    monkeypatch.setattr(data, "RAW_FILES", {n: data.sha256_file(raw / n) for n in data.RAW_FILES})
     monkeypatch.setattr(data, "_build_from_hub", lambda *a: pytest.fail("tried to fetch MNIST"))
     assert main(["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--device", "cpu",
                  "--epochs", "1", "--progress", "off"]) == 0
