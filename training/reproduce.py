@@ -36,28 +36,56 @@ def _device_name(device: str) -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
 
 
-def _run_one(model: str, margin: int, seed: int, out: Path, extra: list[str], log) -> dict:
+def _read_epochs(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _run_one(model: str, margin: int, seed: int, out: Path, extra: list[str], log,
+             deadline: float | None = None) -> dict:
+    """One training run in a subprocess. Past `deadline` (time.monotonic()) it is stopped, or not
+    started, and comes back with finished=False and the epochs it logged."""
     cmd = [sys.executable, "-m", "training", "--model", model, "--margin", str(margin), "--seed", str(seed),
            "--out", str(out), "--progress", "off", *extra]
+    result = {"margin": margin, "seed": seed, "out": str(out)}
+    if deadline is not None and time.monotonic() >= deadline:
+        log(f"skip  m={margin} seed={seed}: time budget spent before it could start")
+        return {**result, "finished": False, "epochs": [], "wall_seconds": 0.0}
     started = time.perf_counter()
     log(f"start m={margin} seed={seed}: {' '.join(cmd[1:])}")
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # checkpoints are written atomically, so a stopped run leaves loadable files
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        epochs = _read_epochs(out)
+        log(f"stop  m={margin} seed={seed}: time budget spent after {len(epochs)} epoch(s)")
+        return {**result, "finished": False, "epochs": epochs, "wall_seconds": time.perf_counter() - started}
     wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"m={margin} seed={seed} failed: {result.stderr.strip().splitlines()[-1:]}")
-    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if proc.returncode != 0:
+        raise RuntimeError(f"m={margin} seed={seed} failed: {stderr.strip().splitlines()[-1:]}")
+    epochs = _read_epochs(out)
     log(f"done  m={margin} seed={seed}: final test acc {epochs[-1]['test_acc']:.2f}% in {wall:.0f}s")
-    return {"margin": margin, "seed": seed, "final_test_acc": epochs[-1]["test_acc"], "wall_seconds": wall,
+    return {**result, "finished": True, "final_test_acc": epochs[-1]["test_acc"], "wall_seconds": wall,
             "epochs": epochs}
 
 
 def summarise(runs: list[dict]) -> list[dict]:
+    """One row per margin over its finished runs (a run stopped by the time budget has no final epoch)."""
     rows = []
-    for m in sorted({r["margin"] for r in runs}):
-        accs = [r["final_test_acc"] for r in runs if r["margin"] == m]
-        walls = [r["wall_seconds"] for r in runs if r["margin"] == m]
+    for m in sorted({r["margin"] for r in runs if r["finished"]}):
+        done = [r for r in runs if r["margin"] == m and r["finished"]]
+        accs = [r["final_test_acc"] for r in done]
         rows.append({"margin": m, "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     "seeds": len(accs), "accuracies": accs, "wall_seconds": statistics.fmean(walls)})
+                     "seeds": len(accs), "accuracies": accs,
+                     "wall_seconds": statistics.fmean(r["wall_seconds"] for r in done)})
     return rows
 
 
@@ -71,10 +99,11 @@ def plot_curves(runs: list[dict], path: Path, title: str) -> None:
     colours = matplotlib.colormaps["tab10"]
     for r in runs:
         epochs = [e["epoch"] for e in r["epochs"]]
-        label = f"m={r['margin']} seed {r['seed']}"
-        colour = colours(r["margin"] - 1)
-        ax_loss.plot(epochs, [e["train_loss"] for e in r["epochs"]], color=colour, alpha=0.8, label=label)
-        ax_err.plot(epochs, [100 - e["test_acc"] for e in r["epochs"]], color=colour, alpha=0.8, label=label)
+        label = f"m={r['margin']} seed {r['seed']}" + ("" if r.get("finished", True) else " (stopped)")
+        style = {"color": colours(r["margin"] - 1), "alpha": 0.8, "label": label,
+                 "linestyle": "-" if r.get("finished", True) else ":"}
+        ax_loss.plot(epochs, [e["train_loss"] for e in r["epochs"]], **style)
+        ax_err.plot(epochs, [100 - e["test_acc"] for e in r["epochs"]], **style)
     ax_loss.set(xlabel="epoch", ylabel="train loss (with margin)", yscale="log", title=f"{title}: training loss")
     positive = all(e["test_acc"] < 100 for r in runs for e in r["epochs"])
     ax_err.set(xlabel="epoch", ylabel="test error %", yscale="log" if positive else "linear",
@@ -103,6 +132,10 @@ def write_results_md(docs: Path) -> Path:
                   f"Measured {rec['date']} with torch {rec['torch']}. Per-seed accuracies: "
                   + "; ".join(f"m={r['margin']}: {', '.join(f'{a:.2f}' for a in r['accuracies'])}" for r in rec["rows"]),
                   "", f"![training curves]({rec['curves']})", ""]
+        if rec.get("unfinished"):
+            lines += [f"Not finished within the time budget (`--time-budget {rec['time_budget']:.0f}`), so not in the "
+                      "table: " + "; ".join(f"m={u['margin']} seed {u['seed']} ({u['epochs_done']} of "
+                                            f"{u['epochs_planned']} epochs)" for u in rec["unfinished"]) + ".", ""]
         if rec.get("note"):
             lines += [rec["note"], ""]
     measured = {rec["model"] for rec in records}
@@ -151,6 +184,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for every run")
     p.add_argument("--data-dir", default=None, help="torchvision-layout MNIST root")
     p.add_argument("--note", default="", help="a line printed under the net's table")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds for all runs (0 = no limit): runs still going then are stopped, runs not yet "
+                        "started are skipped, and the table holds the finished ones. Runs start seed by seed, "
+                        "so a budget that cuts the run short keeps whole first seeds for every margin")
     args, extra = p.parse_known_args(argv)
     extra = ["--device", args.device, *(["--data-dir", args.data_dir] if args.data_dir else []), *extra]
     margins = [int(m) for m in args.margins.split(",")]
@@ -166,26 +203,30 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    def job(ms):
-        m, s = ms
-        run_dir = out / f"m{m}_seed{s}"
-        result = _run_one(args.model, m, s, run_dir, extra, lambda msg: print(msg, flush=True))
-        return {**result, "out": str(run_dir)}
-
     started = time.perf_counter()
+    deadline = time.monotonic() + args.time_budget if args.time_budget > 0 else None
+
+    def job(seed_margin):
+        s, m = seed_margin
+        return _run_one(args.model, m, s, out / f"m{m}_seed{s}", extra, lambda msg: print(msg, flush=True), deadline)
+
     try:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            runs = list(pool.map(job, [(m, s) for m in margins for s in seeds]))
+            runs = list(pool.map(job, [(s, m) for s in seeds for m in margins]))
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finished = [r for r in runs if r["finished"]]
+    if not finished:
+        print(f"error: no run finished within --time-budget {args.time_budget:.0f}s; their logs are under {out}",
+              file=sys.stderr)
+        return 1
     rows = summarise(runs)
     curves = docs / f"curves_{args.model}.png"
-    plot_curves(runs, curves, args.model)
-    recipe = json.loads((out / f"m{margins[0]}_seed{seeds[0]}" / "metrics.jsonl").read_text().splitlines()[-1])
+    plot_curves([r for r in runs if r["epochs"]], curves, args.model)
     from training.checkpoint import load_checkpoint
 
-    train_args = load_checkpoint(out / f"m{margins[0]}_seed{seeds[0]}" / "last.pt")["config"]["train_args"]
+    train_args = load_checkpoint(Path(finished[0]["out"]) / "last.pt")["config"]["train_args"]
     record = {
         "model": args.model, "rows": rows, "device": _device_name(args.device),
         "command": "python -m training.reproduce " + shlex.join(argv if argv is not None else sys.argv[1:]),
@@ -193,15 +234,21 @@ def main(argv=None) -> int:
                    f"({train_args['lr_schedule']}), SGD momentum {train_args['momentum']}, "
                    f"weight decay {train_args['weight_decay']}, beta schedule {train_args['beta_schedule']}"),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "curves": curves.name,
-        "total_wall_seconds": time.perf_counter() - started, "last_epoch": recipe["epoch"], "note": args.note,
+        "total_wall_seconds": time.perf_counter() - started, "last_epoch": finished[0]["epochs"][-1]["epoch"],
+        "note": args.note, "time_budget": args.time_budget,
+        "unfinished": [{"margin": r["margin"], "seed": r["seed"], "epochs_done": len(r["epochs"]),
+                        "epochs_planned": train_args["epochs"]} for r in runs if not r["finished"]],
     }
     (docs / "results" / f"{args.model}.json").write_text(json.dumps(record, indent=1))
     if args.figure:
-        figure_grid(runs, args.model, docs / "fig2_features.png", args.data_dir)
+        figure_grid(finished, args.model, docs / "fig2_features.png", args.data_dir)
     path = write_results_md(docs)
     for row in rows:
         print(f"m={row['margin']}: {row['mean']:.2f} ± {row['std']:.2f}% over {row['seeds']} seed(s) "
               f"(paper {PAPER_ACCURACY.get(row['margin'], float('nan')):.2f}%)")
+    if record["unfinished"]:
+        print(f"{len(record['unfinished'])} of {len(runs)} run(s) did not finish within --time-budget "
+              f"{args.time_budget:.0f}s and are left out of the table")
     print(f"wrote {path}, {curves}")
     return 0
 

@@ -40,7 +40,8 @@ RECIPES = {
 }
 PAPER_ITERATIONS = 18000
 CAFFE_GAMMA = 2.5e-5
-MOMENTUM_SWING = 0.05  # onecycle: momentum runs from --momentum + swing down to - swing and back
+MOMENTUM_SWING = 0.05
+FINITE_CHECK_EVERY = 50  # iterations between checks that the training loss is still finite  # onecycle: momentum runs from --momentum + swing down to - swing and back
 
 # Flags that describe the run (taken from the checkpoint on --resume) vs how to run it.
 _RUNTIME_FLAGS = {"out", "resume", "device", "progress", "data_dir", "data_source", "cache_dir", "vis"}
@@ -171,6 +172,12 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def _check_finite(totals: torch.Tensor, iteration: int, desc: str, optimizer, beta_schedule) -> None:
+    if not math.isfinite(totals[0].item()):
+        raise FloatingPointError(f"training loss became non-finite by iteration {iteration} of {desc} "
+                                 f"(beta={beta_schedule.current:.4g}, lr={optimizer.param_groups[0]['lr']:.4g})")
+
+
 def train_one_epoch(model, batches, optimizer, lr_scheduler, beta_schedule, device, amp: bool,
                     progress: bool, desc: str, channels_last: bool = False) -> dict:
     """One pass over `batches`; lr and beta step once per iteration. Returns loss and accuracy
@@ -178,25 +185,32 @@ def train_one_epoch(model, batches, optimizer, lr_scheduler, beta_schedule, devi
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for images, labels in bar:
+    iteration = 0
+    for iteration, (images, labels) in enumerate(bar, start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
             logits = model(images, labels)
         loss = F.cross_entropy(logits.float(), labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} (beta={beta_schedule.current:.4g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         lr_scheduler.step()
         beta_schedule.step()
         n = labels.numel()
-        totals += torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
-                               torch.tensor(float(n), dtype=torch.float64, device=device)])
+        totals[0] += loss.detach().double() * n
+        totals[1] += (logits.argmax(1) == labels).sum()
+        totals[2] += n
+        # Reading a CUDA value waits for the GPU; checking every step would keep the CPU from queueing
+        # work ahead, so divergence is caught within FINITE_CHECK_EVERY iterations instead (the sum of
+        # losses stays non-finite once any loss is).
+        if iteration % FINITE_CHECK_EVERY == 0:
+            _check_finite(totals, iteration, desc, optimizer, beta_schedule)
         if progress:
             bar.set_postfix(loss=f"{loss.item():.4f}", beta=f"{beta_schedule.current:.3g}")
+    if iteration % FINITE_CHECK_EVERY:
+        _check_finite(totals, iteration, desc, optimizer, beta_schedule)
     distributed.all_reduce_sum(totals)
     loss_sum, correct, count = totals.tolist()
     return {"loss": loss_sum / max(count, 1), "acc": 100.0 * correct / max(count, 1)}
@@ -300,6 +314,8 @@ def run(args: argparse.Namespace) -> dict:
     test_batches = Batches(test_x.to(data_device), test_y.to(data_device), args.eval_batch_size)
     val_batches = Batches(val_x.to(data_device), val_y.to(data_device), args.eval_batch_size) if args.val_size else None
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest conv kernels once
     model = build_model(args.model, args.margin).to(device)
     channels_last = getattr(args, "channels_last", "auto") != "off"
     if channels_last:

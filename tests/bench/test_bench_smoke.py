@@ -58,3 +58,47 @@ def test_serve_bench_runs(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert rows[0]["Concurrency"] == "1" and float(rows[0]["Inferences/Second"]) > 0
     assert rows[0]["errors"] == "{}"
+
+
+def test_gpu_script_runs_every_step_at_toy_size_on_the_cpu(tmp_path, tiny_mnist_root):
+    """The GPU session gets one try: run the same script here (DEVICE=cpu SMOKE=1) so a broken step shows now."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "DEVICE": "cpu", "SMOKE": "1", "DATA_DIR": str(tiny_mnist_root), "PYTHON": sys.executable,
+           "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "RUNS": str(tmp_path / "runs"),
+           "WHEELS": str(tmp_path / "no-wheels"), "STEPS": "reproduce,bench,serve", "MARGINS": "4", "SEEDS": "0",
+           "EPOCHS": "1", "BUDGET": "400", "REPRO_BUDGET": "200"}
+    result = subprocess.run(["bash", str(root / "bench" / "gpu.sh")], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    steps = [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")]
+    assert steps == ["reproduce", "bench_layer", "bench_train", "export", "bench_serve"], summary
+    assert summary.count("rc=0 in") == len(steps), summary
+    with tarfile.open(tmp_path / "out" / "gpu_results.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"./docs/results.md", "./docs/results/paper.json", "./metrics/m4_seed0.jsonl", "./serve.csv",
+            "./machine.txt"} <= names, names
+
+
+def test_gpu_script_skips_steps_once_its_budget_is_spent_and_still_packs(tmp_path, tiny_mnist_root):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "DEVICE": "cpu", "SMOKE": "1", "DATA_DIR": str(tiny_mnist_root), "PYTHON": sys.executable,
+           "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "RUNS": str(tmp_path / "runs"),
+           "WHEELS": str(tmp_path / "no-wheels"), "STEPS": "reproduce,bench", "BUDGET": "12"}
+    result = subprocess.run(["bash", str(root / "bench" / "gpu.sh")], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "=== reproduce: skipped, budget spent" in summary and "=== bench_train: skipped" in summary
+    assert (tmp_path / "out" / "gpu_results.tgz").stat().st_size > 0

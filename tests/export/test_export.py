@@ -198,3 +198,26 @@ def test_cli_on_real_mnist(tmp_path):
     result = _cli(make_checkpoint(tmp_path / "c.pt", test_acc=None), "--out", tmp_path / "repo")
     assert result.returncode == 0, result.stderr
     assert "accuracy over 10000 images" in result.stdout and "top-1 agreement 100.00%" in result.stdout
+
+
+@pytest.mark.parametrize("diff, scale, ok", [
+    (5e-5, 1.0, True),      # small outputs: absolute 1e-4
+    (2e-4, 1.0, False),
+    (2e-4, 1080.0, True),   # a deep net's logits in the hundreds: rounding grows with them
+    (0.5, 1080.0, False),   # a real export bug is as large as the outputs
+])
+def test_parity_tolerance_is_relative_to_the_output_scale(diff, scale, ok):
+    from export.verify import ParityReport, parity_problems
+
+    stats = {"logits": diff, "logits_scale": scale, "embedding": 0.0, "embedding_scale": 1.0, "top1": 100.0}
+    report = ParityReport(batches={"full": {"onnxruntime": stats}})
+    assert (parity_problems(report) == []) is ok
+    report = ParityReport(fold_max_abs_diff=diff, fold_scale=scale)
+    assert (parity_problems(report) == []) is ok
+
+
+def test_parity_problems_name_top1_disagreements():
+    from export.verify import ParityReport, parity_problems
+
+    (problem,) = parity_problems(ParityReport(disagreements={"torchscript": [3, 17]}))
+    assert "torchscript" in problem and "[3, 17]" in problem

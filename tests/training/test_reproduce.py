@@ -29,3 +29,49 @@ def test_reproduce_reports_failed_run(tmp_path, capsys):
     code = reproduce.main(["--model", "fast", "--margins", "1", "--out", str(tmp_path / "r"),
                            "--docs", str(tmp_path / "d"), "--data-dir", str(tmp_path / "missing")])
     assert code != 0
+
+
+def test_a_run_past_the_deadline_is_stopped_and_keeps_its_logged_epochs(tmp_path, tiny_mnist_root):
+    import time
+
+    out = tmp_path / "long"
+    started = time.monotonic()
+    result = reproduce._run_one("fast", 2, 0, out, ["--device", "cpu", "--data-dir", str(tiny_mnist_root),
+                                                    "--epochs", "500", "--batch-size", "64"],
+                                log=print, deadline=time.monotonic() + 8)
+    assert time.monotonic() - started < 60
+    assert result["finished"] is False and "final_test_acc" not in result
+    assert [e["epoch"] for e in result["epochs"]] == list(range(1, len(result["epochs"]) + 1))
+    assert len(result["epochs"]) < 500
+    skipped = reproduce._run_one("fast", 2, 1, tmp_path / "never", [], log=print, deadline=time.monotonic() - 1)
+    assert skipped["finished"] is False and skipped["epochs"] == [] and not (tmp_path / "never").exists()
+
+
+def test_runs_cut_by_the_time_budget_are_listed_not_averaged(tmp_path, tiny_mnist_root, monkeypatch, capsys):
+    """Runs go seed by seed; here the budget runs out after seed 0, so seed 1 is reported as unfinished."""
+    real = reproduce._run_one
+
+    def budget_spent_after_seed_0(model, margin, seed, out, extra, log, deadline=None):
+        return real(model, margin, seed, out, extra, log, 0.0 if seed == 1 else deadline)
+
+    monkeypatch.setattr(reproduce, "_run_one", budget_spent_after_seed_0)
+    docs = tmp_path / "docs"
+    code = reproduce.main(["--model", "fast", "--margins", "1,2", "--seeds", "0,1", "--time-budget", "600",
+                           "--out", str(tmp_path / "runs"), "--docs", str(docs), "--device", "cpu",
+                           "--data-dir", str(tiny_mnist_root), "--epochs", "1", "--batch-size", "64"])
+    assert code == 0
+    record = json.loads((docs / "results" / "fast.json").read_text())
+    assert [(r["margin"], r["seeds"]) for r in record["rows"]] == [(1, 1), (2, 1)]
+    assert [(u["margin"], u["seed"], u["epochs_done"]) for u in record["unfinished"]] == [(1, 1, 0), (2, 1, 0)]
+    text = (docs / "results.md").read_text()
+    assert "Not finished within the time budget (`--time-budget 600`)" in text and "m=2 seed 1 (0 of 1 epochs)" in text
+    assert "2 of 4 run(s) did not finish" in capsys.readouterr().out
+
+
+def test_no_run_finishing_in_the_budget_is_an_error(tmp_path, tiny_mnist_root, monkeypatch, capsys):
+    real = reproduce._run_one
+    monkeypatch.setattr(reproduce, "_run_one", lambda *a, **k: real(*a[:6], deadline=0.0))
+    code = reproduce.main(["--model", "fast", "--margins", "1", "--time-budget", "1", "--out", str(tmp_path / "r"),
+                           "--docs", str(tmp_path / "d"), "--data-dir", str(tiny_mnist_root), "--device", "cpu"])
+    assert code == 1
+    assert "no run finished within --time-budget 1s" in capsys.readouterr().err

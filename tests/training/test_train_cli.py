@@ -348,6 +348,14 @@ def test_bad_values_found_at_run_time(tiny_mnist_root, tmp_path, capsys, flags, 
     assert_one_line_error(capsys.readouterr().err, fragment)
 
 
+def test_a_diverging_run_stops_with_a_one_line_error(tiny_mnist_root, tmp_path, capsys):
+    """The loss is checked every FINITE_CHECK_EVERY iterations and at the end of each epoch, not each step."""
+    code = train(tiny_mnist_root, tmp_path / "nan", *SMALL, "--lr", "1e30", "--lr-schedule", "constant")
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, "non-finite by iteration 2", "epoch 1/1")
+    assert not (tmp_path / "nan" / "last.pt").exists()
+
+
 def test_unwritable_out(tiny_mnist_root, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
