@@ -221,3 +221,21 @@ def test_parity_problems_name_top1_disagreements():
 
     (problem,) = parity_problems(ParityReport(disagreements={"torchscript": [3, 17]}))
     assert "torchscript" in problem and "[3, 17]" in problem
+
+
+@pytest.mark.parametrize("config, off_by_images, ok", [
+    ({"evaluated_on": "cpu"}, 0, True),
+    ({"evaluated_on": "cpu"}, 1, False),             # same arithmetic: the count must match exactly
+    ({"evaluated_on": "cuda"}, 5, True),             # TF32 convolutions flip a few borderline images
+    ({"evaluated_on": "cuda"}, 6, False),
+    ({"train_args": {"device": "cpu"}}, 1, False),   # before evaluated_on was recorded
+    ({"train_args": {"device": "auto"}}, 10, True),  # maybe bf16 autocast on a GPU
+    ({"train_args": {"device": "auto"}}, 11, False),
+])
+def test_exported_accuracy_must_match_the_checkpoint_within_the_devices_slack(config, off_by_images, ok):
+    from export.repository import accuracy_mismatch
+
+    recorded = 99.47
+    got = recorded - off_by_images * 100.0 / 10_000
+    off = accuracy_mismatch({"eager": recorded, "onnxruntime": got}, recorded, config, 10_000)
+    assert (off == {}) is ok and "eager" not in off
