@@ -61,7 +61,9 @@ class _LSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # the margin needs fp32 under AMP
-    def forward(ctx, x, weight, target, beta: float, layer: "LSoftmaxLinear"):
+    def forward(ctx, x, weight, target, beta, layer: "LSoftmaxLinear"):
+        # beta: a float, or a 0-dim tensor on the GPU (reading it as a float there would wait for the GPU
+        # at every step; the arithmetic below takes either).
         logits = x.mm(weight.t())  # [B, C]
         t = target.view(-1, 1)
         p = logits.gather(1, t).squeeze(1)  # W_y^T x, [B]
@@ -72,8 +74,8 @@ class _LSoftmaxFunction(torch.autograd.Function):
         c = (p / n.clamp_min(_NORM_EPS)).clamp_(-1.0, 1.0)
         psi, dpsi = layer.psi_and_derivative(c)
         out_y = n * psi
-        if beta != 0:
-            out_y = out_y.add_(p, alpha=beta).mul_(1.0 / (1.0 + beta))  # (n psi + beta p) / (1 + beta)
+        if isinstance(beta, torch.Tensor) or beta != 0:
+            out_y = out_y.add_(p * beta).div_(1.0 + beta)  # (n psi + beta p) / (1 + beta)
         logits.scatter_(1, t, out_y.unsqueeze(1))
         ctx.save_for_backward(x, weight, target)
         # Intermediates (neither inputs nor outputs) may live on ctx directly: cheaper than saved variables.
@@ -182,7 +184,8 @@ class LSoftmaxLinear(nn.Module):
             return F.linear(x, self.weight)
         if x.dtype != self.weight.dtype:
             x = x.to(self.weight.dtype)
-        return _LSoftmaxFunction.apply(x, self.weight, target.reshape(-1), float(self.beta), self)
+        beta = float(self.beta) if self.beta.device.type == "cpu" else self.beta.to(x.dtype)
+        return _LSoftmaxFunction.apply(x, self.weight, target.reshape(-1), beta, self)
 
 
 class BetaSchedule:

@@ -72,6 +72,25 @@ def test_loss_matches_pytorch_metric_learning(margin):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.7, 250.0])
+def test_beta_as_a_device_tensor_gives_what_the_float_gives(beta):
+    """On a GPU the layer passes beta as a 0-dim tensor (no read-back per step); same values and gradients."""
+    from training.lsoftmax import _LSoftmaxFunction
+
+    torch.manual_seed(3)
+    layer = LSoftmaxLinear(6, 5, margin=3)
+    x = torch.randn(8, 6)
+    target = torch.randint(0, 5, (8,))
+    results = []
+    for b in (beta, torch.tensor(beta)):
+        xi, wi = x.clone().requires_grad_(), layer.weight.detach().clone().requires_grad_()
+        out = _LSoftmaxFunction.apply(xi, wi, target, b, layer)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), xi.grad, wi.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_margin_one_beta_zero_is_softmax_cross_entropy():
     layer = make_layer(8, 10, 1, beta=0.0)
     x, y = torch.randn(32, 8), torch.randint(0, 10, (32,))

@@ -396,6 +396,40 @@ def test_cuda_run_with_amp_gives_a_cpu_loadable_checkpoint(tiny_mnist_root, tmp_
     assert rebuild_model(ckpt)(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_epoch_reads_back_from_the_gpu_a_fixed_number_of_times_not_per_step():
+    """Each read-back (.item(), float(tensor)) stalls the CPU until the GPU drains, so the CPU cannot queue
+    work ahead; an epoch of 30 iterations must sync a few times in all, not once per iteration."""
+    import warnings
+
+    from training.data import Batches
+    from training.lsoftmax import build_beta_schedule
+    from training.models import build_model
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (30 * 32, 1, 28, 28), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (30 * 32,), device=device)
+    model = build_model("fast", 4).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    beta = build_beta_schedule("caffe", model.head, base=1000.0, gamma=1e-3, power=35.0, beta_min=0.0)
+    batches = Batches(images, labels, 32, shuffle=True)
+    args = (optimizer, scheduler, beta, device, True, False, "epoch 1/1", True)
+    train_mod.train_one_epoch(model, batches, *args)  # warm-up: cudnn picks its kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_mod.train_one_epoch(model, batches, *args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 4, [str(w.message) for w in syncs[:5]]
+
+
 # --- feature plots ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["vis", "fast"])
