@@ -144,9 +144,10 @@ def write_results_md(docs: Path) -> Path:
                   "The `paper` net (Table 1 recipe, 18k iterations ≈ 77 epochs) trains at about 270 images/s on the",
                   "2-core CPU (`python -m bench.train --nets paper`, BENCHMARKS.md): 3.7 minutes per epoch, 4.8 hours",
                   "per margin and seed, so its rows need a GPU run: `python -m training.reproduce --model paper --seeds 0,1,2 "
-                  "--jobs 4` on a machine with one (`bench/gpu.sh` runs it). Until then the tables above are what the",
-                  "CPU can honestly produce: other, smaller or shorter-trained networks than the paper's, whose",
-                  "numbers are not comparable to the paper's column.", ""]
+                  "--jobs 4 --time-budget 330` on a machine with one (`bench/gpu.sh` runs it; no GPU has been lent to",
+                  "this project yet). Until then the tables above are what the CPU can honestly produce: other, smaller",
+                  "or shorter-trained networks than the paper's, whose numbers are not comparable to the paper's column.",
+                  ""]
     if (docs / "fig2_features.png").exists():
         lines += ["## Fig. 2: 2-D test features of the `vis` net", "", "![features](fig2_features.png)", ""]
     path = docs / "results.md"
