@@ -60,23 +60,29 @@ def test_serve_bench_runs(tmp_path):
     assert rows[0]["errors"] == "{}"
 
 
-def test_gpu_script_runs_every_step_at_toy_size_on_the_cpu(tmp_path, tiny_mnist_root):
-    """The GPU session gets one try: run the same script here (DEVICE=cpu SMOKE=1) so a broken step shows now."""
+def run_gpu_script(tmp_path, data_root, **settings):
+    """bench/gpu.sh on this CPU at toy size (DEVICE=cpu SMOKE=1), everything under tmp_path."""
     import os
     import subprocess
     import sys
-    import tarfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "DEVICE": "cpu", "SMOKE": "1", "DATA_DIR": str(tiny_mnist_root), "PYTHON": sys.executable,
+    env = {**os.environ, "DEVICE": "cpu", "SMOKE": "1", "DATA_DIR": str(data_root), "PYTHON": sys.executable,
            "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "RUNS": str(tmp_path / "runs"),
-           "WHEELS": str(tmp_path / "no-wheels"), "STEPS": "reproduce,bench,serve", "MARGINS": "4", "SEEDS": "0",
-           "EPOCHS": "1", "BUDGET": "400", "REPRO_BUDGET": "200"}
+           "WHEELS": str(tmp_path / "no-wheels"), **settings}
     result = subprocess.run(["bash", str(root / "bench" / "gpu.sh")], cwd=root, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    summary = (tmp_path / "out" / "summary.txt").read_text()
+    return (tmp_path / "out" / "summary.txt").read_text()
+
+
+def test_gpu_script_runs_every_step_at_toy_size_on_the_cpu(tmp_path, tiny_mnist_root):
+    """The GPU session gets one try: run the same script here so a broken step shows now."""
+    import tarfile
+
+    summary = run_gpu_script(tmp_path, tiny_mnist_root, STEPS="reproduce,bench,serve", MARGINS="4", SEEDS="0",
+                             EPOCHS="1", BUDGET="400", REPRO_BUDGET="200")
     steps = [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")]
     assert steps == ["reproduce", "bench_layer", "bench_train", "export", "bench_serve"], summary
     assert summary.count("rc=0 in") == len(steps), summary
@@ -87,18 +93,6 @@ def test_gpu_script_runs_every_step_at_toy_size_on_the_cpu(tmp_path, tiny_mnist_
 
 
 def test_gpu_script_skips_steps_once_its_budget_is_spent_and_still_packs(tmp_path, tiny_mnist_root):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "DEVICE": "cpu", "SMOKE": "1", "DATA_DIR": str(tiny_mnist_root), "PYTHON": sys.executable,
-           "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "RUNS": str(tmp_path / "runs"),
-           "WHEELS": str(tmp_path / "no-wheels"), "STEPS": "reproduce,bench", "BUDGET": "12"}
-    result = subprocess.run(["bash", str(root / "bench" / "gpu.sh")], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = (tmp_path / "out" / "summary.txt").read_text()
+    summary = run_gpu_script(tmp_path, tiny_mnist_root, STEPS="reproduce,bench", BUDGET="12")
     assert "=== reproduce: skipped, budget spent" in summary and "=== bench_train: skipped" in summary
     assert (tmp_path / "out" / "gpu_results.tgz").stat().st_size > 0
