@@ -116,12 +116,15 @@ def plot_curves(runs: list[dict], path: Path, title: str) -> None:
 
 def write_results_md(docs: Path) -> Path:
     """Rebuild docs/results.md from every docs/results/<net>.json present."""
-    records = [json.loads(p.read_text()) for p in sorted((docs / "results").glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in (docs / "results").glob("*.json")]
+    order = ["paper", "fast", "vis"]  # the paper's own net first, its recipe before any tagged variant
+    records.sort(key=lambda r: (order.index(r["model"]) if r["model"] in order else len(order),
+                                bool(r.get("tag")), r.get("tag", "")))
     lines = ["# MNIST results: L-Softmax per margin", "",
              "Final-epoch test accuracy (never the best epoch picked on the test set), mean ± std over seeds.",
              "Produced by `python -m training.reproduce`; the exact command of each net is under its table.", ""]
     for rec in records:
-        lines += [f"## `{rec['model']}` net", "",
+        lines += [f"## `{rec['model']}` net" + (f" ({rec['tag']})" if rec.get("tag") else ""), "",
                   "| m | final-epoch test accuracy % (mean ± std) | seeds | paper % | net | device | wall time per run |",
                   "|---|---|---|---|---|---|---|"]
         for row in rec["rows"]:
@@ -138,8 +141,7 @@ def write_results_md(docs: Path) -> Path:
                                             f"{u['epochs_planned']} epochs)" for u in rec["unfinished"]) + ".", ""]
         if rec.get("note"):
             lines += [rec["note"], ""]
-    measured = {rec["model"] for rec in records}
-    if "paper" not in measured:
+    if not any(rec["model"] == "paper" and not rec.get("tag") for rec in records):
         lines += ["## Not yet measured", "",
                   "The `paper` net (Table 1 recipe, 18k iterations ≈ 77 epochs) trains at about 270 images/s on the",
                   "2-core CPU (`python -m bench.train --nets paper`, BENCHMARKS.md): 3.7 minutes per epoch, 4.8 hours",
@@ -185,6 +187,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device for every run")
     p.add_argument("--data-dir", default=None, help="torchvision-layout MNIST root")
     p.add_argument("--note", default="", help="a line printed under the net's table")
+    p.add_argument("--tag", default="",
+                   help="names a run of the net with another recipe (flags after the known ones go to "
+                        "python -m training): its own table, results/<net>-<tag>.json and run folder; an "
+                        "untagged `paper` table is the paper's recipe")
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds for all runs (0 = no limit): runs still going then are stopped, runs not yet "
                         "started are skipped, and the table holds the finished ones. Runs start seed by seed, "
@@ -193,7 +199,8 @@ def main(argv=None) -> int:
     extra = ["--device", args.device, *(["--data-dir", args.data_dir] if args.data_dir else []), *extra]
     margins = [int(m) for m in args.margins.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    docs, out = Path(args.docs), Path(args.out) / args.model
+    name = args.model + (f"-{args.tag}" if args.tag else "")  # one results file and run folder per net and tag
+    docs, out = Path(args.docs), Path(args.out) / name
     (docs / "results").mkdir(parents=True, exist_ok=True)
 
     from training.data import DataError, prepare_mnist
@@ -223,13 +230,13 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     rows = summarise(runs)
-    curves = docs / f"curves_{args.model}.png"
-    plot_curves([r for r in runs if r["epochs"]], curves, args.model)
+    curves = docs / f"curves_{name}.png"
+    plot_curves([r for r in runs if r["epochs"]], curves, name)
     from training.checkpoint import load_checkpoint
 
     train_args = load_checkpoint(Path(finished[0]["out"]) / "last.pt")["config"]["train_args"]
     record = {
-        "model": args.model, "rows": rows, "device": _device_name(args.device),
+        "model": args.model, "tag": args.tag, "rows": rows, "device": _device_name(args.device),
         "command": "python -m training.reproduce " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "recipe": (f"{train_args['epochs']} epochs, batch {train_args['batch_size']}, lr {train_args['lr']} "
                    f"({train_args['lr_schedule']}), SGD momentum {train_args['momentum']}, "
@@ -240,7 +247,7 @@ def main(argv=None) -> int:
         "unfinished": [{"margin": r["margin"], "seed": r["seed"], "epochs_done": len(r["epochs"]),
                         "epochs_planned": train_args["epochs"]} for r in runs if not r["finished"]],
     }
-    (docs / "results" / f"{args.model}.json").write_text(json.dumps(record, indent=1))
+    (docs / "results" / f"{name}.json").write_text(json.dumps(record, indent=1))
     if args.figure:
         figure_grid(finished, args.model, docs / "fig2_features.png", args.data_dir)
     path = write_results_md(docs)

@@ -57,10 +57,12 @@ def test_runs_cut_by_the_time_budget_are_listed_not_averaged(tmp_path, tiny_mnis
     monkeypatch.setattr(reproduce, "_run_one", budget_spent_after_seed_0)
     docs = tmp_path / "docs"
     code = reproduce.main(["--model", "fast", "--margins", "1,2", "--seeds", "0,1", "--time-budget", "600",
-                           "--out", str(tmp_path / "runs"), "--docs", str(docs), "--device", "cpu",
+                           "--out", str(tmp_path / "runs"), "--docs", str(docs), "--device", "cpu", "--tag", "b64",
                            "--data-dir", str(tiny_mnist_root), "--epochs", "1", "--batch-size", "64"])
     assert code == 0
-    record = json.loads((docs / "results" / "fast.json").read_text())
+    assert (tmp_path / "runs" / "fast-b64" / "m1_seed0" / "last.pt").exists()
+    assert (docs / "curves_fast-b64.png").exists()
+    record = json.loads((docs / "results" / "fast-b64.json").read_text())
     assert [(r["margin"], r["seeds"]) for r in record["rows"]] == [(1, 1), (2, 1)]
     assert [(u["margin"], u["seed"], u["epochs_done"]) for u in record["unfinished"]] == [(1, 1, 0), (2, 1, 0)]
     text = (docs / "results.md").read_text()
@@ -75,3 +77,24 @@ def test_no_run_finishing_in_the_budget_is_an_error(tmp_path, tiny_mnist_root, m
                            "--docs", str(tmp_path / "d"), "--data-dir", str(tiny_mnist_root), "--device", "cpu"])
     assert code == 1
     assert "no run finished within --time-budget 1s" in capsys.readouterr().err
+
+
+def _record(model, tag="", acc=99.5):
+    row = {"margin": 4, "mean": acc, "std": 0.0, "seeds": 1, "accuracies": [acc], "wall_seconds": 60.0}
+    return {"model": model, "tag": tag, "rows": [row], "device": "CPU", "command": "c", "recipe": "r",
+            "date": "2026-11-28", "torch": "2", "curves": f"curves_{model}.png", "note": ""}
+
+
+def test_results_page_orders_nets_and_keeps_tagged_paper_runs_apart_from_the_papers_recipe(tmp_path):
+    (tmp_path / "results").mkdir()
+    for model, tag in (("vis", ""), ("fast", ""), ("paper", "cpu-2-epochs")):
+        name = model + (f"-{tag}" if tag else "")
+        (tmp_path / "results" / f"{name}.json").write_text(json.dumps(_record(model, tag)))
+    text = reproduce.write_results_md(tmp_path).read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## `paper` net (cpu-2-epochs)", "## `fast` net", "## `vis` net", "## Not yet measured"]
+    (tmp_path / "results" / "paper.json").write_text(json.dumps(_record("paper", acc=99.7)))
+    text = reproduce.write_results_md(tmp_path).read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## `paper` net", "## `paper` net (cpu-2-epochs)", "## `fast` net", "## `vis` net"]
+    assert "| 4 | 99.70 ± 0.00 | 1 | 99.69 |" in text
