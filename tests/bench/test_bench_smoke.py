@@ -81,10 +81,10 @@ def test_gpu_script_runs_every_step_at_toy_size_on_the_cpu(tmp_path, tiny_mnist_
     """The GPU session gets one try: run the same script here so a broken step shows now."""
     import tarfile
 
-    summary = run_gpu_script(tmp_path, tiny_mnist_root, STEPS="reproduce,bench,serve", MARGINS="4", SEEDS="0",
+    summary = run_gpu_script(tmp_path, tiny_mnist_root, STEPS="reproduce,cuda_tests,bench,serve", MARGINS="4", SEEDS="0",
                              EPOCHS="1", BUDGET="400", REPRO_BUDGET="200")
     steps = [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")]
-    assert steps == ["reproduce", "bench_layer", "bench_train", "export", "bench_serve"], summary
+    assert steps == ["reproduce", "cuda_tests", "bench_layer", "bench_train", "export", "bench_serve"], summary
     assert summary.count("rc=0 in") == len(steps), summary
     with tarfile.open(tmp_path / "out" / "gpu_results.tgz") as tar:
         names = set(tar.getnames())
