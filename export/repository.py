@@ -42,8 +42,9 @@ class ExportError(RuntimeError):
 
 
 # Test images by which the exported graphs' accuracy (float32, CPU) may differ from the checkpoint's own
-# figure, by where that figure was measured: CPU float32 is exact; CUDA runs TF32 convolutions; checkpoints
-# from before "evaluated_on" existed may have been scored under bf16 autocast on a GPU.
+# figure, by where that figure was measured: CPU float32 is exact; CUDA's float32 convolutions (TF32 off for
+# scoring) sum in another order; checkpoints from before "evaluated_on" existed may have been scored under
+# bf16 autocast on a GPU.
 ACCURACY_SLACK_IMAGES = {"cpu": 0, "cuda": 5, "unrecorded": 10}
 
 
