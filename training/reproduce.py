@@ -46,7 +46,8 @@ def _read_epochs(out: Path) -> list[dict]:
 def _run_one(model: str, margin: int, seed: int, out: Path, extra: list[str], log,
              deadline: float | None = None) -> dict:
     """One training run in a subprocess. Past `deadline` (time.monotonic()) it is stopped, or not
-    started, and comes back with finished=False and the epochs it logged."""
+    started, and comes back with finished=False and the epochs it logged; a failed run comes back
+    with finished=False and its last line of stderr as "error"."""
     cmd = [sys.executable, "-m", "training", "--model", model, "--margin", str(margin), "--seed", str(seed),
            "--out", str(out), "--progress", "off", *extra]
     result = {"margin": margin, "seed": seed, "out": str(out)}
@@ -69,9 +70,11 @@ def _run_one(model: str, margin: int, seed: int, out: Path, extra: list[str], lo
         log(f"stop  m={margin} seed={seed}: time budget spent after {len(epochs)} epoch(s)")
         return {**result, "finished": False, "epochs": epochs, "wall_seconds": time.perf_counter() - started}
     wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"m={margin} seed={seed} failed: {stderr.strip().splitlines()[-1:]}")
     epochs = _read_epochs(out)
+    if proc.returncode != 0:  # kept, not raised: one failed run must not cost the others their rows
+        reason = (stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        log(f"fail  m={margin} seed={seed}: {reason}")
+        return {**result, "finished": False, "error": reason, "epochs": epochs, "wall_seconds": wall}
     log(f"done  m={margin} seed={seed}: final test acc {epochs[-1]['test_acc']:.2f}% in {wall:.0f}s")
     return {**result, "finished": True, "final_test_acc": epochs[-1]["test_acc"], "wall_seconds": wall,
             "epochs": epochs}
@@ -136,9 +139,10 @@ def write_results_md(docs: Path) -> Path:
                   + "; ".join(f"m={r['margin']}: {', '.join(f'{a:.2f}' for a in r['accuracies'])}" for r in rec["rows"]),
                   "", f"![training curves]({rec['curves']})", ""]
         if rec.get("unfinished"):
-            lines += [f"Not finished within the time budget (`--time-budget {rec['time_budget']:.0f}`), so not in the "
-                      "table: " + "; ".join(f"m={u['margin']} seed {u['seed']} ({u['epochs_done']} of "
-                                            f"{u['epochs_planned']} epochs)" for u in rec["unfinished"]) + ".", ""]
+            budget = f" (`--time-budget {rec['time_budget']:.0f}`)" if rec.get("time_budget") else ""
+            lines += [f"Runs that did not finish{budget}, so not in the table: " + "; ".join(
+                f"m={u['margin']} seed {u['seed']} ({u.get('reason', 'time budget')}, {u['epochs_done']} of "
+                f"{u['epochs_planned']} epochs)" for u in rec["unfinished"]) + ".", ""]
         if rec.get("note"):
             lines += [rec["note"], ""]
     if not any(rec["model"] == "paper" and not rec.get("tag") for rec in records):
@@ -218,16 +222,16 @@ def main(argv=None) -> int:
         s, m = seed_margin
         return _run_one(args.model, m, s, out / f"m{m}_seed{s}", extra, lambda msg: print(msg, flush=True), deadline)
 
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            runs = list(pool.map(job, [(s, m) for s in seeds for m in margins]))
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        runs = list(pool.map(job, [(s, m) for s in seeds for m in margins]))
     finished = [r for r in runs if r["finished"]]
+    failed = [r for r in runs if "error" in r]
+    for r in failed:
+        print(f"error: m={r['margin']} seed={r['seed']} failed: {r['error']}", file=sys.stderr)
     if not finished:
-        print(f"error: no run finished within --time-budget {args.time_budget:.0f}s; their logs are under {out}",
-              file=sys.stderr)
+        if not failed:
+            print(f"error: no run finished within --time-budget {args.time_budget:.0f}s; their logs are under {out}",
+                  file=sys.stderr)
         return 1
     rows = summarise(runs)
     curves = docs / f"curves_{name}.png"
@@ -245,7 +249,9 @@ def main(argv=None) -> int:
         "total_wall_seconds": time.perf_counter() - started, "last_epoch": finished[0]["epochs"][-1]["epoch"],
         "note": args.note, "time_budget": args.time_budget,
         "unfinished": [{"margin": r["margin"], "seed": r["seed"], "epochs_done": len(r["epochs"]),
-                        "epochs_planned": train_args["epochs"]} for r in runs if not r["finished"]],
+                        "epochs_planned": train_args["epochs"],
+                        "reason": f"failed: {r['error']}" if "error" in r else "time budget"}
+                       for r in runs if not r["finished"]],
     }
     (docs / "results" / f"{name}.json").write_text(json.dumps(record, indent=1))
     if args.figure:
@@ -255,10 +261,10 @@ def main(argv=None) -> int:
         print(f"m={row['margin']}: {row['mean']:.2f} ± {row['std']:.2f}% over {row['seeds']} seed(s) "
               f"(paper {PAPER_ACCURACY.get(row['margin'], float('nan')):.2f}%)")
     if record["unfinished"]:
-        print(f"{len(record['unfinished'])} of {len(runs)} run(s) did not finish within --time-budget "
-              f"{args.time_budget:.0f}s and are left out of the table")
+        print(f"{len(record['unfinished'])} of {len(runs)} run(s) did not finish (time budget or failure) and are "
+              "left out of the table")
     print(f"wrote {path}, {curves}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

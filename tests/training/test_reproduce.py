@@ -66,7 +66,8 @@ def test_runs_cut_by_the_time_budget_are_listed_not_averaged(tmp_path, tiny_mnis
     assert [(r["margin"], r["seeds"]) for r in record["rows"]] == [(1, 1), (2, 1)]
     assert [(u["margin"], u["seed"], u["epochs_done"]) for u in record["unfinished"]] == [(1, 1, 0), (2, 1, 0)]
     text = (docs / "results.md").read_text()
-    assert "Not finished within the time budget (`--time-budget 600`)" in text and "m=2 seed 1 (0 of 1 epochs)" in text
+    assert "did not finish (`--time-budget 600`), so not in the table" in text
+    assert "m=2 seed 1 (time budget, 0 of 1 epochs)" in text
     assert "2 of 4 run(s) did not finish" in capsys.readouterr().out
 
 
@@ -98,3 +99,23 @@ def test_results_page_orders_nets_and_keeps_tagged_paper_runs_apart_from_the_pap
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert headings == ["## `paper` net", "## `paper` net (cpu-2-epochs)", "## `fast` net", "## `vis` net"]
     assert "| 4 | 99.70 ± 0.00 | 1 | 99.69 |" in text
+
+
+def test_a_failed_run_is_reported_and_the_others_keep_their_rows(tmp_path, tiny_mnist_root, monkeypatch, capsys):
+    real = reproduce._run_one
+
+    def m2_fails(model, margin, seed, out, extra, log, deadline=None):
+        return real(model, margin, seed, out, [*extra, *(["--lr", "1e30"] if margin == 2 else [])], log, deadline)
+
+    monkeypatch.setattr(reproduce, "_run_one", m2_fails)
+    docs = tmp_path / "docs"
+    code = reproduce.main(["--model", "fast", "--margins", "1,2", "--out", str(tmp_path / "runs"), "--docs", str(docs),
+                           "--device", "cpu", "--data-dir", str(tiny_mnist_root), "--epochs", "1", "--batch-size", "64",
+                           "--lr-schedule", "constant"])
+    assert code == 1
+    assert "m=2 seed=0 failed: error: training loss became non-finite" in capsys.readouterr().err
+    record = json.loads((docs / "results" / "fast.json").read_text())
+    assert [r["margin"] for r in record["rows"]] == [1]
+    (unfinished,) = record["unfinished"]
+    assert unfinished["margin"] == 2 and unfinished["reason"].startswith("failed: error: training loss")
+    assert "m=2 seed 0 (failed: error: training loss became non-finite" in (docs / "results.md").read_text()
