@@ -44,7 +44,7 @@ def _read_epochs(out: Path) -> list[dict]:
 
 
 def _run_one(model: str, margin: int, seed: int, out: Path, extra: list[str], log,
-             deadline: float | None = None) -> dict:
+             deadline: float | None = None, env: dict | None = None) -> dict:
     """One training run in a subprocess. Past `deadline` (time.monotonic()) it is stopped, or not
     started, and comes back with finished=False and the epochs it logged; a failed run comes back
     with finished=False and its last line of stderr as "error"."""
@@ -56,7 +56,7 @@ def _run_one(model: str, margin: int, seed: int, out: Path, extra: list[str], lo
         return {**result, "finished": False, "epochs": [], "wall_seconds": 0.0}
     started = time.perf_counter()
     log(f"start m={margin} seed={seed}: {' '.join(cmd[1:])}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         _, stderr = proc.communicate(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0))
     except subprocess.TimeoutExpired:
@@ -218,9 +218,16 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     deadline = time.monotonic() + args.time_budget if args.time_budget > 0 else None
 
+    # Runs side by side share the cores: each gets its share of intra-op threads (as torchrun does), not
+    # all of them, which would oversubscribe the CPU (on a GPU the CPU only feeds the kernels anyway).
+    env = dict(os.environ)
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+
     def job(seed_margin):
         s, m = seed_margin
-        return _run_one(args.model, m, s, out / f"m{m}_seed{s}", extra, lambda msg: print(msg, flush=True), deadline)
+        return _run_one(args.model, m, s, out / f"m{m}_seed{s}", extra, lambda msg: print(msg, flush=True),
+                        deadline=deadline, env=env)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         runs = list(pool.map(job, [(s, m) for s in seeds for m in margins]))

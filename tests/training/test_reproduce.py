@@ -5,7 +5,17 @@ import json
 from training import reproduce
 
 
-def test_reproduce_writes_table_and_curves(tmp_path, tiny_mnist_root):
+def test_reproduce_writes_table_and_curves(tmp_path, tiny_mnist_root, monkeypatch):
+    import os
+
+    real, thread_counts = reproduce._run_one, []
+
+    def spy(*args, env=None, **kwargs):
+        thread_counts.append(env["OMP_NUM_THREADS"])
+        return real(*args, env=env, **kwargs)
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(reproduce, "_run_one", spy)
     docs = tmp_path / "docs"
     code = reproduce.main(["--model", "fast", "--margins", "1,2", "--seeds", "0,1", "--jobs", "2",
                            "--out", str(tmp_path / "runs"), "--docs", str(docs), "--device", "cpu",
@@ -23,6 +33,7 @@ def test_reproduce_writes_table_and_curves(tmp_path, tiny_mnist_root):
     text = (docs / "results.md").read_text()
     assert "| 1 |" in text and "| 2 |" in text and "99.68" in text and "Not yet measured" in text
     assert (docs / "curves_fast.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert thread_counts == [str(max(1, os.cpu_count() // 2))] * 4  # two runs at a time share the cores
 
 
 def test_reproduce_reports_failed_run(tmp_path, capsys):
@@ -51,8 +62,8 @@ def test_runs_cut_by_the_time_budget_are_listed_not_averaged(tmp_path, tiny_mnis
     """Runs go seed by seed; here the budget runs out after seed 0, so seed 1 is reported as unfinished."""
     real = reproduce._run_one
 
-    def budget_spent_after_seed_0(model, margin, seed, out, extra, log, deadline=None):
-        return real(model, margin, seed, out, extra, log, 0.0 if seed == 1 else deadline)
+    def budget_spent_after_seed_0(model, margin, seed, out, extra, log, deadline=None, env=None):
+        return real(model, margin, seed, out, extra, log, 0.0 if seed == 1 else deadline, env)
 
     monkeypatch.setattr(reproduce, "_run_one", budget_spent_after_seed_0)
     docs = tmp_path / "docs"
@@ -73,7 +84,7 @@ def test_runs_cut_by_the_time_budget_are_listed_not_averaged(tmp_path, tiny_mnis
 
 def test_no_run_finishing_in_the_budget_is_an_error(tmp_path, tiny_mnist_root, monkeypatch, capsys):
     real = reproduce._run_one
-    monkeypatch.setattr(reproduce, "_run_one", lambda *a, **k: real(*a[:6], deadline=0.0))
+    monkeypatch.setattr(reproduce, "_run_one", lambda *a, **k: real(*a, **{**k, "deadline": 0.0}))
     code = reproduce.main(["--model", "fast", "--margins", "1", "--time-budget", "1", "--out", str(tmp_path / "r"),
                            "--docs", str(tmp_path / "d"), "--data-dir", str(tiny_mnist_root), "--device", "cpu"])
     assert code == 1
@@ -104,8 +115,8 @@ def test_results_page_orders_nets_and_keeps_tagged_paper_runs_apart_from_the_pap
 def test_a_failed_run_is_reported_and_the_others_keep_their_rows(tmp_path, tiny_mnist_root, monkeypatch, capsys):
     real = reproduce._run_one
 
-    def m2_fails(model, margin, seed, out, extra, log, deadline=None):
-        return real(model, margin, seed, out, [*extra, *(["--lr", "1e30"] if margin == 2 else [])], log, deadline)
+    def m2_fails(model, margin, seed, out, extra, log, deadline=None, env=None):
+        return real(model, margin, seed, out, [*extra, *(["--lr", "1e30"] if margin == 2 else [])], log, deadline, env)
 
     monkeypatch.setattr(reproduce, "_run_one", m2_fails)
     docs = tmp_path / "docs"
