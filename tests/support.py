@@ -65,12 +65,23 @@ def make_checkpoint(path, model: str = "fast", margin: int = 2, seed: int = 0, t
 # process: the serving package's `inference.*` protos must not meet tritonclient's, which other tests import.
 _PARSE_ONLY = """
 import argparse, runpy, sys
+target, sys.argv = sys.argv[1], sys.argv[1:]
+if target == "training.reproduce":  # its own flags, then those it passes on to each training run
+    from training.reproduce import parse_arguments
+    parse_arguments(sys.argv[1:])
+    raise SystemExit(0)
+_inside_parse_args = []
 def _stop(self, args=None, namespace=None):
+    _inside_parse_args.append(True)
     _original(self, args, namespace)
     raise SystemExit(0)
-_original = argparse.ArgumentParser.parse_args
-argparse.ArgumentParser.parse_args = _stop
-target, sys.argv = sys.argv[1], sys.argv[1:]
+def _stop_known(self, args=None, namespace=None):
+    result = _original_known(self, args, namespace)
+    if not _inside_parse_args:  # a program that parses only what it knows must not go on to real work
+        raise SystemExit(0)
+    return result
+_original, _original_known = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
+argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = _stop, _stop_known
 if target.endswith(".py"):
     runpy.run_path(target, run_name="__main__")
 else:

@@ -178,9 +178,11 @@ def figure_grid(runs: list[dict], model: str, path: Path, data_dir=None) -> None
     plot_grid(panels, path, columns=len(panels))
 
 
-def main(argv=None) -> int:
+def parse_arguments(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """This command's flags, and the rest (checked) for each training run."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)  # --margin must not pass for --margins
     p.add_argument("--model", default="fast", choices=["paper", "fast", "vis"], help="which net")
     p.add_argument("--margins", default="1,2,3,4", help="comma-separated margins")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
@@ -200,6 +202,26 @@ def main(argv=None) -> int:
                         "started are skipped, and the table holds the finished ones. Runs start seed by seed, "
                         "so a budget that cuts the run short keeps whole first seeds for every margin")
     args, extra = p.parse_known_args(argv)
+    _check_training_flags(p, args.model, extra)
+    return args, extra
+
+
+def _check_training_flags(parser: argparse.ArgumentParser, model: str, extra: list[str]) -> None:
+    """Flags not ours go to every `python -m training` run: check them now, once, with its own parser
+    (a typo would otherwise fail every run), and keep the ones each run sets itself off the command line."""
+    from training.train import get_args_parser as training_parser
+
+    ours = {"--margin", "--seed", "--resume", "--progress"}  # (--model, --out, --device, --data-dir are ours too)
+    taken = sorted(ours.intersection(word.split("=")[0] for word in extra))
+    if taken:
+        parser.error(f"{', '.join(taken)}: set by the reproduction for each run (use --margins, --seeds)")
+    trainer = training_parser()
+    trainer.prog = f"{parser.prog} (flags passed on to python -m training)"
+    trainer.parse_args(["--model", model, *extra])
+
+
+def main(argv=None) -> int:
+    args, extra = parse_arguments(argv)
     extra = ["--device", args.device, *(["--data-dir", args.data_dir] if args.data_dir else []), *extra]
     margins = [int(m) for m in args.margins.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -130,3 +130,20 @@ def test_a_failed_run_is_reported_and_the_others_keep_their_rows(tmp_path, tiny_
     (unfinished,) = record["unfinished"]
     assert unfinished["margin"] == 2 and unfinished["reason"].startswith("failed: error: training loss")
     assert "m=2 seed 0 (failed: error: training loss became non-finite" in (docs / "results.md").read_text()
+
+
+def test_flags_for_the_training_runs_are_checked_before_any_run(tmp_path, capsys):
+    import pytest
+
+    for bad, fragment in ((["--epocs", "3"], "unrecognized arguments: --epocs"),
+                          (["--lr-schedule", "cosine"], "invalid choice: 'cosine'"),
+                          (["--margin", "3"], "--margin: set by the reproduction"),
+                          (["--resume"], "--resume: set by the reproduction")):
+        with pytest.raises(SystemExit) as exc:  # (and were the check to pass, the missing data dir stops it)
+            reproduce.main(["--model", "fast", "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "d"),
+                            "--data-dir", str(tmp_path / "no-data"), *bad])
+        assert exc.value.code == 2
+        assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    args, extra = reproduce.parse_arguments(["--model", "vis", "--epochs", "4", "--train-subset", "300"])
+    assert args.model == "vis" and extra == ["--epochs", "4", "--train-subset", "300"]
