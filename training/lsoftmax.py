@@ -74,8 +74,11 @@ class _LSoftmaxFunction(torch.autograd.Function):
         c = (p / n.clamp_min(_NORM_EPS)).clamp_(-1.0, 1.0)
         psi, dpsi = layer.psi_and_derivative(c)
         out_y = n * psi
-        if isinstance(beta, torch.Tensor) or beta != 0:
-            out_y = out_y.add_(p * beta).div_(1.0 + beta)  # (n psi + beta p) / (1 + beta)
+        # (n psi + beta p) / (1 + beta)
+        if isinstance(beta, torch.Tensor):
+            out_y = out_y.add_(p * beta).div_(1.0 + beta)
+        elif beta != 0:
+            out_y = out_y.add_(p, alpha=beta).mul_(1.0 / (1.0 + beta))
         logits.scatter_(1, t, out_y.unsqueeze(1))
         ctx.save_for_backward(x, weight, target)
         # Intermediates (neither inputs nor outputs) may live on ctx directly: cheaper than saved variables.
