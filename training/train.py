@@ -231,24 +231,20 @@ def _exact_float32(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, amp: bool = False, channels_last: bool = False) -> dict:
-    """Plain-logit (margin-free) cross-entropy and top-1 accuracy (float32 without TF32 unless amp)."""
-    with _exact_float32(device):
-        return _evaluate(model, batches, device, amp, channels_last)
-
-
-def _evaluate(model, batches, device, amp: bool, channels_last: bool) -> dict:
+def evaluate(model, batches, device, channels_last: bool = False) -> dict:
+    """Plain-logit (margin-free) cross-entropy and top-1 accuracy, in float32 (no autocast, no TF32) even
+    when training runs under bf16: the exported float32 graphs must reproduce this figure."""
     model.eval()
     loss_sum = correct = count = 0.0
-    for images, labels in batches:
-        images, labels = images.to(device), labels.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
+    with _exact_float32(device):
+        for images, labels in batches:
+            images, labels = images.to(device), labels.to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        count += labels.numel()
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            count += labels.numel()
     return {"loss": loss_sum / max(count, 1), "acc": 100.0 * correct / max(count, 1)}
 
 
@@ -378,13 +374,11 @@ def run(args: argparse.Namespace) -> dict:
         beta = beta_schedule.current
         train_stats = train_one_epoch(train_model, train_batches, optimizer, lr_scheduler, beta_schedule, device,
                                       amp, progress, f"epoch {epoch}/{args.epochs}", channels_last)
-        # Scored in float32 even when training runs under bf16 autocast: the exported float32 graphs must
-        # reproduce this figure (export checks it), and a full test pass costs little beside an epoch.
-        test_stats = evaluate(model, test_batches, device, False, channels_last)
+        test_stats = evaluate(model, test_batches, device, channels_last)
         record = {"epoch": epoch, "lr": lr, "beta": beta, "train_loss": train_stats["loss"],
                   "train_acc": train_stats["acc"], "test_loss": test_stats["loss"], "test_acc": test_stats["acc"]}
         if val_batches is not None:
-            record["val_acc"] = evaluate(model, val_batches, device, False, channels_last)["acc"]
+            record["val_acc"] = evaluate(model, val_batches, device, channels_last)["acc"]
         record["seconds"] = time.perf_counter() - started
         final = record
         if not is_main:
