@@ -168,6 +168,14 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(10)
 
+    def stop_cleanly(self) -> None:
+        """SIGTERM and require exit status 0; a server that does not stop in time is killed, and that fails."""
+        try:
+            assert self.stop() == 0
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
 
 def scrape(server: ServerProcess, scheme: str = "http", context=None) -> dict[tuple, float]:
     """GET /metrics → {(sample name, (label, value), ...): value}, labels sorted by name."""

@@ -78,11 +78,7 @@ def all_models_server(model_repository, helpers):
     server = helpers.ServerProcess(model_repository, "--device", "cpu", "--max-queue-delay-us", "200",
                                    *helpers.SERVER_LIMITS).start()
     yield server
-    try:
-        assert server.stop() == 0
-    except subprocess.TimeoutExpired:
-        server.kill()
-        raise
+    server.stop_cleanly()
 
 
 @pytest.fixture(scope="module")

@@ -33,11 +33,7 @@ def batching_server(model_repository, helpers):
     server = helpers.ServerProcess(model_repository, "--backend", "onnx", "--device", "cpu", "--log-level", "info",
                                    "--max-batch-size", "16").start()
     yield server
-    try:
-        assert server.stop() == 0
-    except subprocess.TimeoutExpired:
-        server.kill()
-        raise
+    server.stop_cleanly()
 
 
 def _counters(helpers, server) -> dict[str, float]:

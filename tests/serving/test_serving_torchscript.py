@@ -3,7 +3,6 @@ Run: .venv/bin/python -m pytest tests/serving/test_serving_torchscript.py -q"""
 
 from __future__ import annotations
 
-import subprocess
 
 import grpc
 import numpy as np
@@ -18,11 +17,7 @@ def ts_stub(model_repository, helpers):
     server = helpers.ServerProcess(model_repository, "--backend", "torchscript", "--device", "cpu").start()
     with grpc.insecure_channel(server.address) as channel:
         yield pb_grpc.DigitServiceStub(channel)
-    try:
-        assert server.stop() == 0
-    except subprocess.TimeoutExpired:
-        server.kill()
-        raise
+    server.stop_cleanly()
 
 
 def test_torchscript_matches_in_process_and_onnx(ts_stub, stub, digits, model_repository, helpers):
