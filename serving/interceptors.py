@@ -7,7 +7,7 @@ Every call passes through BoundaryInterceptor:
    `serving.errors.status_for` names, logs unexpected ones with their traceback, charges inference calls to
    their model's Prometheus counters (serving.metrics: success, failure by reason, duration), and writes one
    structured debug line per request (method, status, images, milliseconds, peer).
-3. The wrapper also counts calls in flight for graceful shutdown (Drain): once the server starts draining,
+3. The wrapper also counts calls in flight, until their status is sent, for graceful shutdown (Drain): once the server starts draining,
    new calls (health checks excepted) get UNAVAILABLE "shutting down" at once, which clients retry elsewhere,
    instead of being cancelled by gRPC's shutdown while they wait to be picked up.
 Streaming calls (health Watch, reflection) pass through untouched after step 1. Wrapped handlers are cached
@@ -68,19 +68,35 @@ def _handler_factory(handler: grpc.RpcMethodHandler):
 
 
 class Drain:
-    """Calls in flight, and the switch that makes new calls answer UNAVAILABLE while the server shuts down."""
+    """Calls in flight, and the switch that makes new calls answer UNAVAILABLE while the server shuts down.
+
+    A call counts from its arrival until gRPC has sent its status (the context's done callback), not until its
+    handler returns: a client that just got its answer is likely to send its next call at once, and that call
+    must find the server still taking calls (answered UNAVAILABLE "shutting down") rather than a stopped one
+    (where gRPC cancels it before any handler sees it). So the quiet window runs from the last arrival *and*
+    the last answer."""
 
     def __init__(self) -> None:
         self.in_flight = 0
-        self.last_arrival_ns = 0
+        self.last_event_ns = 0  # the latest arrival or completed answer
         self.draining = False
 
+    def arrived(self) -> int:
+        now = self.last_event_ns = time.perf_counter_ns()
+        self.in_flight += 1
+        return now
+
+    def answered(self, _context=None) -> None:
+        """The call's status has been sent (or the call was cancelled): it no longer counts."""
+        self.in_flight -= 1
+        self.last_event_ns = time.perf_counter_ns()
+
     async def wait(self, quiet: float, timeout: float) -> bool:
-        """After `draining` is set: wait until no call is in flight and none arrived for `quiet` seconds
-        (clients have noticed), at most `timeout` seconds; True when drained."""
+        """After `draining` is set: wait until no call is in flight and no call arrived or was answered for
+        `quiet` seconds (clients have noticed), at most `timeout` seconds; True when drained."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.in_flight and time.perf_counter_ns() - self.last_arrival_ns >= quiet * 1e9:
+            if not self.in_flight and time.perf_counter_ns() - self.last_event_ns >= quiet * 1e9:
                 return True
             await asyncio.sleep(min(0.01, quiet))
         return False
@@ -137,8 +153,8 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
         refusable = not TokenAuth.public(method)
 
         async def call(request, context):
-            start = drain.last_arrival_ns = time.perf_counter_ns()
-            drain.in_flight += 1
+            start = drain.arrived()
+            context.add_done_callback(drain.answered)
             code = grpc.StatusCode.OK
             error: BaseException | None = None
             try:
@@ -158,7 +174,6 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
                 if code == grpc.StatusCode.INTERNAL:
                     logger.exception("unhandled exception in %s", method, extra={"fields": {"method": method}})
             finally:  # accounted before the answer leaves, so a client that got it sees it in the metrics
-                drain.in_flight -= 1
                 elapsed = time.perf_counter_ns() - start
                 stats = stats_for(method, request)
                 if stats is not None:
