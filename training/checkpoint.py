@@ -6,6 +6,7 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import warnings
@@ -15,7 +16,7 @@ import torch
 
 from training.models import LSoftmaxNet, build_model
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "rebuild_model"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "rebuild_model", "fsync_dir"]
 
 CHECKPOINT_FORMAT = "lsoftmax-serve/checkpoint"
 CHECKPOINT_VERSION = 1
@@ -25,6 +26,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so that a rename (or a new name) in it survives a crash, not just the renamed
+    file's bytes. A no-op where directories cannot be opened (Windows) or fsynced (some file systems)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 class CheckpointError(RuntimeError):
@@ -46,6 +62,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # the rename itself reaches the disk
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

