@@ -5,7 +5,8 @@
     REPO/manifest.json
 
 Everything is built in a temporary folder beside REPO and renamed into place only after the parity
-checks pass, so a failed export never leaves half a repository.
+checks pass, so a failed export never leaves half a repository. The tree is world-readable (folders 0755,
+files 0644, whatever the umask): the serving image reads it as another user.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from export.graphs import (INPUT_NAME, OUTPUT_NAMES, load_onnx_session, load_tor
                            write_onnx, write_torchscript)
 from export.inference_module import build_inference_module
 from export.verify import check_parity
-from training.checkpoint import load_checkpoint, rebuild_model
+from training.checkpoint import fsync_dir, load_checkpoint, rebuild_model
 from training.data import sha256_file
 
 __all__ = ["MODEL_PREFIX", "MANIFEST_FORMAT", "ExportError", "export_repository", "config_pbtxt", "sha256_file"]
@@ -99,13 +100,35 @@ def _prepare_out(out: Path, force: bool) -> None:
         raise ExportError(f"{out.parent} is not writable")
 
 
+DIR_MODE, FILE_MODE = 0o755, 0o644
+
+
+def _seal(tree: Path) -> None:
+    """Give every folder 0755 and every file 0644 (set outright, not through the umask; mkdtemp makes the top
+    folder 0700), and fsync them, so that the tree is readable by any user and complete on disk before the
+    rename publishes it."""
+    for folder, _, files in os.walk(tree):
+        for name in files:
+            path = os.path.join(folder, name)
+            os.chmod(path, FILE_MODE)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.chmod(folder, DIR_MODE)
+        fsync_dir(folder)
+
+
 def _install(tmp: Path, out: Path) -> None:
     """Rename the finished tree into place; an old tree (with --force) is moved aside first."""
+    _seal(tmp)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
     os.replace(tmp, out)
+    fsync_dir(out.parent)  # both renames reach the disk
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -2,8 +2,11 @@
 self-consistent (manifest hashes, config.pbtxt vs graph), and a failed export leaves nothing behind."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,6 +152,33 @@ def test_failed_export_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch):
     with pytest.raises(ParityError):
         export_repository(tiny_checkpoint, tmp_path / "repo", images=images, labels=labels, log=lambda *_: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_repository_is_world_readable_whatever_the_umask(tmp_path, tiny_checkpoint, monkeypatch):
+    """The serving image reads the repository as another user: every folder 0755 and every file 0644, set outright
+    (mkdtemp makes the top folder 0700; under umask 077 everything would be private), before the rename into
+    place, which is followed by an fsync of the parent folder."""
+    import export.repository as repository
+
+    out, synced, real = tmp_path / "repo", [], repository.fsync_dir
+
+    def fsync_dir(path):
+        synced.append((Path(path), out.exists()))
+        real(path)
+
+    monkeypatch.setattr(repository, "fsync_dir", fsync_dir)
+    images, labels = _synthetic(16)
+    umask = os.umask(0o077)
+    try:
+        export_repository(tiny_checkpoint, out, images=images, labels=labels, log=lambda *_: None)
+    finally:
+        os.umask(umask)
+    modes = {p.relative_to(tmp_path).as_posix(): (p.is_dir(), stat.S_IMODE(p.stat().st_mode))
+             for p in [out, *out.rglob("*")]}
+    assert {"repo", f"repo/{ONNX_DIR}/1", f"repo/{TS_DIR}/1/model.pt", "repo/manifest.json"} <= set(modes)
+    assert {rel: mode for rel, (is_dir, mode) in modes.items() if mode != (0o755 if is_dir else 0o644)} == {}
+    assert synced[-1] == (tmp_path, True)  # the parent, after the rename
+    assert all(not there for _, there in synced[:-1])  # the tree's own folders, before it
 
 
 def test_existing_output_needs_force(tmp_path, tiny_checkpoint):
