@@ -17,7 +17,10 @@ import argparse
 import contextlib
 import json
 import math
+import os
+import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import distributed
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.checkpoint import CheckpointError, fsync_dir, load_checkpoint, save_checkpoint
 from training.data import MNIST_MEAN, MNIST_STD, Batches, DataError, load_split, prepare_mnist
 from training.lsoftmax import build_beta_schedule
 from training.models import MODEL_NAMES, build_model, embedding_dim
@@ -271,6 +274,23 @@ def _load_resume(out: Path, args) -> tuple[dict, argparse.Namespace]:
     return ckpt, argparse.Namespace(**{**defaults, **saved, **runtime})
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, fsync, rename it over `path` (keeping its permissions), fsync
+    the folder: a crash leaves the old file or the new one, never a partial one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
     """Keep only epochs the checkpoint holds (a run killed after logging but before saving)."""
     if not path.exists():
@@ -282,8 +302,10 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
         except (ValueError, KeyError, TypeError):  # a line cut short by the kill
             return False
 
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and keep(ln)]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    old = path.read_text()
+    new = "".join(ln + "\n" for ln in old.splitlines() if ln.strip() and keep(ln))
+    if new != old:
+        _replace_text(path, new)
 
 
 def run(args: argparse.Namespace) -> dict:

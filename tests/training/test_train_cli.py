@@ -295,6 +295,34 @@ def test_interrupted_and_resumed_run_matches_the_unbroken_one(unbroken_run, tiny
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in metrics(unbroken_run)]
 
 
+def test_resume_rewrites_the_metrics_log_through_a_rename(tmp_path, monkeypatch):
+    """Dropping log lines past the checkpoint writes a new file and renames it over the log (then fsyncs the
+    folder): the old file is never rewritten in place, so a crash leaves one log or the other, whole."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3, "lr": 0.0')
+    os.chmod(log, 0o640)
+    os.link(log, tmp_path / "old")  # a second name for the old file: its bytes must stay as they were
+    synced = []
+    monkeypatch.setattr(train_mod, "fsync_dir", synced.append)
+    train_mod._truncate_metrics(log, 2)
+    assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    assert (tmp_path / "old").read_text().endswith('{"epoch": 3, "lr": 0.0')
+    assert log.stat().st_ino != (tmp_path / "old").stat().st_ino
+    assert stat.S_IMODE(log.stat().st_mode) == 0o640
+    assert synced == [tmp_path]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "old"]
+
+    # A failure before the rename leaves the old log whole and no temp file behind.
+    log.write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    def no_rename(*args):
+        raise OSError("simulated")
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OSError, match="simulated"):
+        train_mod._truncate_metrics(log, 1)
+    assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "old"]
+
+
 def test_checkpoint_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
     import training.checkpoint as checkpoint
 
