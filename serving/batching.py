@@ -23,7 +23,8 @@ Scheduling, designed so that batching costs nothing when the server is idle:
   its rows are put back together in order. Results go to each caller as views of the batch output, rows
   offset..offset+n, in queue order.
 - More than max_queue_size queue entries (0: unbounded) → serving.errors.Overloaded ("Exceeds maximum queue
-  size", UNAVAILABLE as Triton answers). A caller that goes away (cancelled) while queued is skipped.
+  size", UNAVAILABLE as Triton answers); a request that alone splits into more chunks than the queue holds
+  could never be taken, so it gets LimitExceeded (RESOURCE_EXHAUSTED, not worth retrying). A caller that goes away (cancelled) while queued is skipped.
 - enabled=False (--no-dynamic-batching): each request (or max_batch_size chunk) is its own backend call,
   handed to the worker thread's FIFO at once; max_queue_size bounds the calls waiting there. For
   comparisons and for models that must see one request at a time.
@@ -42,7 +43,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from serving.errors import NotReady, Overloaded
+from serving.errors import LimitExceeded, NotReady, Overloaded
 from serving.metrics import ModelStats
 
 __all__ = ["BatchingConfig", "DynamicBatcher"]
@@ -108,6 +109,10 @@ class DynamicBatcher:
         if self._closed:
             raise NotReady("the server is shutting down")
         size = self.config.max_queue_size
+        if size and len(chunks) > size:  # could never fit, so retrying (what UNAVAILABLE invites) is pointless
+            raise LimitExceeded(f"the request splits into {len(chunks)} batches of at most "
+                                f"{self.config.max_batch_size} images, more than the queue holds for model "
+                                f"'{self.stats.model}' (--max-queue-size {size}); send fewer images per request")
         if size and self.pending() + len(chunks) > size:
             raise Overloaded(f"Exceeds maximum queue size: {self.pending()} requests are queued for model "
                              f"'{self.stats.model}' (--max-queue-size {size}); retry later")

@@ -11,7 +11,7 @@ import grpc
 
 __all__ = [
     "ServingError", "InvalidInput", "ImageError", "LimitExceeded", "NotFound", "NotReady", "Overloaded",
-    "Unauthenticated", "StartupError", "status_for",
+    "Unauthenticated", "DeadlineExceeded", "StartupError", "status_for",
 ]
 
 
@@ -53,6 +53,10 @@ class Unauthenticated(ServingError):
     """The call lacks the `authorization: Bearer <token>` metadata the server was started with, or it is wrong."""
 
 
+class DeadlineExceeded(ServingError):
+    """The call's deadline passed before the server finished it (work stops between images)."""
+
+
 class StartupError(ServingError):
     """The server cannot start (bad repository, checksum mismatch, unavailable device); exits non-zero."""
 
@@ -63,6 +67,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 

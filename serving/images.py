@@ -1,19 +1,19 @@
 """Turn request images (encoded files or raw pixels) into the model's input: uint8 [N, 1, 28, 28], MNIST polarity.
 
-Encoded images (any format Pillow reads except EPS, which would run Ghostscript; any size and mode):
-1. The header is read first and the declared size checked against `max_image_pixels` *before* any pixel
-   is decoded, so a 50,000 x 50,000 PNG costs nothing. EXIF orientation is applied; animations use frame 0.
-2. To 8-bit grayscale: 16-bit images are scaled by 1/257, float images read as 0..1 (or clipped to 0..255);
-   images with transparency are composited onto the background that contrasts with their ink (white
-   behind dark ink, black behind light ink), so a digit drawn on a transparent canvas stays visible.
-3. Polarity: the model wants a light digit on black. INVERT_AUTO inverts when the image's outermost
-   pixel ring averages above 127 (dark ink on light paper); INVERT_ALWAYS / INVERT_NEVER force it.
-4. Fitting (FIT_AUTO: 28x28 images are taken as they are, anything else gets FIT_DIGIT):
-   FIT_DIGIT is MNIST's own recipe (LeCun et al.): subtract the background (median of the border ring),
-   stretch the ink to 0..255, crop to the bounding box of pixels above 10% of the peak, resize the crop
-   (Lanczos, antialiased) so its longer side is 20 px keeping the aspect ratio, and paste it into a black
-   28x28 field so the centre of mass lands on the field's centre (13.5, 13.5), kept inside the field.
-   A blank image becomes an all-black 28x28. FIT_RESIZE is a plain Lanczos resize to 28x28.
+Encoded images (decode_image; serving.decode_queue runs it off the event loop, one image at a time):
+1. Only PNG, JPEG, GIF, BMP, TIFF and WebP are opened (ACCEPTED_FORMATS); anything else is refused by name
+   (ICO, EPS, ...: some of Pillow's other plugins decode pixels or run programs before any size check).
+   The header is read first and the declared size checked against `max_image_pixels` *before* any pixel
+   is decoded, so a 50,000 x 50,000 PNG costs nothing; Pillow's own decompression-bomb warning is a
+   refusal too (configure_pillow). Animations use frame 0; EXIF orientation is applied.
+2. Early downscale: a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps WORK_SIDE pixels
+   on its longer side, and any image larger than that is shrunk to it before any arithmetic, so a
+   12-megapixel photo costs about what a small one does (the digit ends up 20 px tall anyway).
+3. To 8-bit grayscale (uint8/float32 arithmetic, on the downscaled image): 16-bit images are scaled by 1/257,
+   float images read as 0..1 (or clipped to 0..255); images with transparency are composited onto the
+   background that contrasts with their ink (white behind dark ink, black behind light ink), so a digit
+   drawn on a transparent canvas stays visible.
+4. Polarity and framing: serving.framing (INVERT_* / FIT_* options; FIT_AUTO keeps a 28x28 image as it is).
 Raw pixels: exactly 784 bytes, row-major 28x28, used as they are (only INVERT_ALWAYS flips them).
 
 Every failure raises serving.errors.ImageError naming the image's index in the request and the reason.
@@ -24,25 +24,24 @@ from __future__ import annotations
 import enum
 import io
 import re
+import warnings
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from serving.errors import ImageError, InvalidInput
+from serving.framing import SIDE, fit_digit, is_light_background, resize_to
 
-__all__ = ["Invert", "Fit", "SIDE", "PIXELS", "DEFAULT_MAX_IMAGE_PIXELS", "decode_batch", "decode_image",
-           "raw_pixels", "fit_digit"]
+__all__ = ["Invert", "Fit", "SIDE", "PIXELS", "DEFAULT_MAX_IMAGE_PIXELS", "ACCEPTED_FORMATS", "WORK_SIDE",
+           "configure_pillow", "open_image", "prepare_image", "decode_batch", "decode_image", "raw_pixels"]
 
-SIDE = 28
 PIXELS = SIDE * SIDE
-BOX = 20  # MNIST: the digit's longer side is normalised to 20 px inside the 28 px field
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
-_INK_THRESHOLD = 0.1  # fraction of the peak above which a pixel counts as ink for the bounding box
+WORK_SIDE = 512  # longer side images are shrunk to before any arithmetic (framing needs ~4x the 20 px box)
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
 Image.init()
-# EPS is decoded by running Ghostscript: not something a network service should do on request.
-_FORMATS = tuple(sorted(fmt for fmt in Image.OPEN if fmt != "EPS"))
 
 
 class Invert(enum.IntEnum):
@@ -59,26 +58,47 @@ class Fit(enum.IntEnum):
     RESIZE = 2
 
 
+def configure_pillow(max_image_pixels: int) -> None:
+    """Process-wide: Pillow's own decompression-bomb limit follows --max-image-pixels, and its warning (issued
+    for sizes between the limit and twice it) is raised as an error, so no plugin decodes past the limit."""
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _border(gray: np.ndarray) -> np.ndarray:
-    """The outermost ring of pixels of a [H, W] array."""
-    if min(gray.shape) <= 2:
-        return gray.ravel()
-    return np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
+def _refused_format(data: bytes) -> str | None:
+    """The name of a format Pillow recognises by its magic bytes but we do not accept (checked on the first
+    bytes only, with the plugins' own `accept` tests; nothing is decoded)."""
+    prefix = data[:16]
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt in ACCEPTED_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return fmt
+        except Exception:  # a plugin's test that cannot cope with a short prefix
+            continue
+    return None
 
 
-def _open(index: int, data: bytes, max_image_pixels: int) -> Image.Image:
+def open_image(index: int, data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Read the header of an encoded image (no pixels decoded) and check its format and declared size."""
     if not data:
         raise ImageError(index, "empty image (0 bytes)")
     try:
-        im = Image.open(io.BytesIO(data), formats=_FORMATS)
+        im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.UnidentifiedImageError:
-        raise ImageError(index, "not an image Pillow can read (unknown format or corrupt header)") from None
-    except Image.DecompressionBombError as exc:  # Pillow's own, far larger limit, checked at open
+        refused = _refused_format(data)
+        if refused:
+            raise ImageError(index, f"{refused} images are not accepted; send "
+                                    f"{', '.join(ACCEPTED_FORMATS[:-1])} or {ACCEPTED_FORMATS[-1]}") from None
+        raise ImageError(index, "not an image this server reads (unknown format or corrupt header; accepted: "
+                                f"{', '.join(ACCEPTED_FORMATS)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         declared = re.search(r"\((\d+) pixels\)", str(exc))
         size = f" of {declared.group(1)} pixels" if declared else ""
         raise ImageError(index, f"declared size{size} exceeds the limit of {max_image_pixels} pixels") from None
@@ -93,88 +113,73 @@ def _open(index: int, data: bytes, max_image_pixels: int) -> Image.Image:
     return im
 
 
+def _load_small(im: Image.Image) -> Image.Image:
+    """Decode frame 0, a JPEG at a reduced DCT scale when it is large; upright (EXIF); longer side <= WORK_SIDE."""
+    if im.format == "JPEG" and max(im.size) > WORK_SIDE:
+        im.draft("L" if im.mode in ("L", "RGB") else im.mode, (WORK_SIDE, WORK_SIDE))
+    im.seek(0)
+    im.load()
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16"):
+        im = im.convert("I")
+    elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("RGB" if im.mode != "1" else "L")
+    elif im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGB", "RGBX"):
+        im = im.convert("L")  # before shrinking: a third of the work
+    elif im.mode in ("RGBA", "RGBa"):
+        im = im.convert("LA")
+    elif im.mode == "PA":
+        im = im.convert("RGBA").convert("LA")
+    if max(im.size) > WORK_SIDE:
+        im.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return im
+
+
 def _to_gray(im: Image.Image) -> np.ndarray:
-    """uint8 [H, W] luminance; transparency composited onto the background that contrasts with the ink."""
+    """uint8 [H, W] luminance of a (small) image; transparency composited onto the contrasting background."""
     mode = im.mode
-    if mode.startswith("I;16"):
-        return np.round(np.asarray(im, dtype=np.float64) / 257.0).astype(np.uint8)
     if mode in ("I", "F"):
-        values = np.asarray(im, dtype=np.float64)
+        values = np.asarray(im, dtype=np.float32)
         if mode == "F" and values.size and values.max() <= 1.0:
             values = values * 255.0
         elif mode == "I" and values.size and values.max() > 255:
             values = values / 257.0  # 16-bit data in a 32-bit container
         return np.clip(np.round(values), 0, 255).astype(np.uint8)
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info)
-    if has_alpha:
-        la = np.asarray(im.convert("RGBA").convert("LA"), dtype=np.float64)
-        lum, alpha = la[..., 0], la[..., 1] / 255.0
-        coverage = alpha.sum()
-        ink = (lum * alpha).sum() / coverage if coverage > 0 else 255.0
+    if mode in ("LA", "La"):
+        la = np.asarray(im.convert("LA"), dtype=np.float32)
+        lum, alpha = la[..., 0], la[..., 1] * (1.0 / 255.0)
+        coverage = float(alpha.sum())
+        ink = float((lum * alpha).sum()) / coverage if coverage > 0 else 255.0
         background = 255.0 if ink < 128 else 0.0
         return np.round(lum * alpha + background * (1.0 - alpha)).astype(np.uint8)
+    if mode != "L":
+        im = im.convert("L")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def prepare_image(index: int, im: Image.Image, invert: Invert = Invert.AUTO, fit: Fit = Fit.AUTO) -> np.ndarray:
+    """An opened image (open_image) → uint8 [28, 28], light digit on black. Raises ImageError(index, reason)."""
     try:
-        return np.asarray(im.convert("L"), dtype=np.uint8)
-    except ValueError:  # modes without a direct path to L (e.g. LAB)
-        return np.asarray(im.convert("RGB").convert("L"), dtype=np.uint8)
-
-
-def _resize(values: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Lanczos resize of a float [H, W] array (Pillow mode F), clipped to 0..255."""
-    out = Image.fromarray(values.astype(np.float32), mode="F").resize((width, height), Image.Resampling.LANCZOS)
-    return np.clip(np.asarray(out, dtype=np.float32), 0.0, 255.0)
-
-
-def fit_digit(gray: np.ndarray) -> np.ndarray:
-    """MNIST framing of a light-on-dark uint8 [H, W] image → uint8 [28, 28] (see the module docstring)."""
-    values = gray.astype(np.float32)
-    ink = np.clip(values - np.median(_border(values)), 0.0, None)
-    peak = float(ink.max())
-    if peak <= 0.0:
-        return np.zeros((SIDE, SIDE), np.uint8)
-    ink *= 255.0 / peak
-    rows = np.flatnonzero((ink > _INK_THRESHOLD * 255.0).any(axis=1))
-    cols = np.flatnonzero((ink > _INK_THRESHOLD * 255.0).any(axis=0))
-    crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    height, width = crop.shape
-    scale = BOX / max(height, width)
-    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    patch = _resize(crop, new_w, new_h)
-    mass = float(patch.sum())
-    if mass <= 0.0:
-        return np.zeros((SIDE, SIDE), np.uint8)
-    cy = float((patch.sum(axis=1) * np.arange(new_h)).sum()) / mass
-    cx = float((patch.sum(axis=0) * np.arange(new_w)).sum()) / mass
-    centre = (SIDE - 1) / 2.0
-    top = min(max(round(centre - cy), 0), SIDE - new_h)
-    left = min(max(round(centre - cx), 0), SIDE - new_w)
-    field = np.zeros((SIDE, SIDE), np.float32)
-    field[top:top + new_h, left:left + new_w] = patch
-    return np.round(field).astype(np.uint8)
+        gray = _to_gray(_load_small(im))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(index, "decoded size exceeds the pixel limit") from None
+    except Exception as exc:  # truncated data, bad chunks, unsupported compression, ...
+        raise ImageError(index, f"corrupt or truncated {im.format} image ({_first_line(exc)})") from None
+    if invert == Invert.ALWAYS or (invert == Invert.AUTO and is_light_background(gray)):
+        gray = 255 - gray
+    if fit == Fit.RESIZE:
+        return resize_to(gray, SIDE, SIDE)
+    if fit == Fit.AUTO and gray.shape == (SIDE, SIDE):
+        return np.ascontiguousarray(gray)
+    return fit_digit(gray)
 
 
 def decode_image(index: int, data: bytes, invert: Invert = Invert.AUTO, fit: Fit = Fit.AUTO,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """An encoded image → uint8 [28, 28], light digit on black. Raises ImageError(index, reason)."""
-    im = _open(index, data, max_image_pixels)
-    try:
-        im.seek(0)
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        gray = _to_gray(im)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError:
-        raise ImageError(index, f"decoded size exceeds the limit of {max_image_pixels} pixels") from None
-    except Exception as exc:  # truncated data, bad chunks, unsupported compression, ...
-        raise ImageError(index, f"corrupt or truncated {im.format} image ({_first_line(exc)})") from None
-    if invert == Invert.ALWAYS or (invert == Invert.AUTO and float(_border(gray).mean()) > 127.0):
-        gray = 255 - gray
-    if fit == Fit.RESIZE:
-        return np.round(_resize(gray.astype(np.float32), SIDE, SIDE)).astype(np.uint8)
-    if fit == Fit.AUTO and gray.shape == (SIDE, SIDE):
-        return np.ascontiguousarray(gray)
-    return fit_digit(gray)
+    return prepare_image(index, open_image(index, data, max_image_pixels), invert, fit)
 
 
 def raw_pixels(index: int, data: bytes, invert: Invert = Invert.AUTO) -> np.ndarray:
@@ -185,6 +190,11 @@ def raw_pixels(index: int, data: bytes, invert: Invert = Invert.AUTO) -> np.ndar
     return 255 - pixels if invert == Invert.ALWAYS else pixels
 
 
+def options(invert: int, fit: int) -> tuple[Invert, Fit]:
+    """The request's option numbers as enums; InvalidInput for unknown values."""
+    return _enum(Invert, invert, "invert"), _enum(Fit, fit, "fit")
+
+
 def _enum(kind: type[enum.IntEnum], value: int, what: str) -> enum.IntEnum:
     try:
         return kind(value)
@@ -193,23 +203,31 @@ def _enum(kind: type[enum.IntEnum], value: int, what: str) -> enum.IntEnum:
                            + ", ".join(f"{m.value} ({m.name})" for m in kind)) from None
 
 
+def all_raw(images: Sequence[tuple[str | None, bytes]]) -> bool:
+    return all(k == "pixels" and len(d) == PIXELS for k, d in images)
+
+
 def decode_batch(images: Sequence[tuple[str | None, bytes]], invert: int = 0, fit: int = 0,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """[(kind, data)] with kind "encoded", "pixels" or None (nothing set) → uint8 [N, 1, 28, 28].
+    """[(kind, data)] with kind "encoded", "pixels" or None (nothing set) → uint8 [N, 1, 28, 28], in this thread.
 
     Raises InvalidInput for an empty batch or unknown option values, ImageError for the first bad image."""
     if not images:
         raise InvalidInput("the request has no images")
-    invert_mode, fit_mode = _enum(Invert, invert, "invert"), _enum(Fit, fit, "fit")
-    if invert_mode != Invert.ALWAYS and all(k == "pixels" and len(d) == PIXELS for k, d in images):
+    invert_mode, fit_mode = options(invert, fit)
+    if invert_mode != Invert.ALWAYS and all_raw(images):
         # Fast path for raw batches: one copy, no per-image Python work.
         return np.frombuffer(b"".join(d for _, d in images), np.uint8).reshape(len(images), 1, SIDE, SIDE)
     batch = np.empty((len(images), 1, SIDE, SIDE), np.uint8)
     for index, (kind, data) in enumerate(images):
-        if kind == "pixels":
-            batch[index, 0] = raw_pixels(index, data, invert_mode)
-        elif kind == "encoded":
-            batch[index, 0] = decode_image(index, data, invert_mode, fit_mode, max_image_pixels)
-        else:
-            raise ImageError(index, "no data: set either `encoded` or `pixels`")
+        batch[index, 0] = decode_one(index, kind, data, invert_mode, fit_mode, max_image_pixels)
     return batch
+
+
+def decode_one(index: int, kind: str | None, data: bytes, invert: Invert, fit: Fit,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    if kind == "pixels":
+        return raw_pixels(index, data, invert)
+    if kind == "encoded":
+        return decode_image(index, data, invert, fit, max_image_pixels)
+    raise ImageError(index, "no data: set either `encoded` or `pixels`")

@@ -20,16 +20,22 @@ lsoftmax_inference_request_duration_seconds (per-request latency, for percentile
 Triton's counters carry no `_total` suffix; prometheus_client's text format appends one to anything typed
 `counter`, so they are exposed as untyped samples under Triton's exact names. Counting costs no locks on the
 request path: the event loop (the only writer) bumps plain integers, and a custom collector reads them
-when /metrics is scraped (from prometheus_client's HTTP thread). Served over plain HTTP, or HTTPS with the
-server's --tls-cert/--tls-key.
+when /metrics is scraped (from the endpoint's HTTP thread). Served on the gRPC server's --host, over plain HTTP,
+or HTTPS with the server's --tls-cert/--tls-key (and its --tls-client-ca: scrapers need a client certificate
+too); with --auth-token* a scrape needs `Authorization: Bearer <token>` (Prometheus: `authorization:` in the
+scrape config), as every gRPC call but health does.
 """
 
 from __future__ import annotations
 
 import bisect
+import socket
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable
 
-from prometheus_client import start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, HistogramMetricFamily, UnknownMetricFamily
 
 from serving.errors import StartupError
@@ -149,25 +155,69 @@ class _Collector:
         yield latency
 
 
-class MetricsServer:
-    """prometheus_client's HTTP server on its own thread, serving only these models' metrics."""
+class _MetricsHandler(BaseHTTPRequestHandler):
+    """GET /metrics only; with a token configured, the same `Authorization: Bearer` the gRPC API requires."""
 
-    def __init__(self, httpd, thread) -> None:
+    registry: CollectorRegistry
+    auth: Callable[[str | None], bool] | None = None
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            self._reply(404, b"not found: the metrics are at /metrics\n", "text/plain")
+        elif self.auth is not None and not self.auth(self.headers.get("Authorization")):
+            self._reply(401, b"missing or invalid credentials: send `Authorization: Bearer <token>`\n", "text/plain",
+                        (("WWW-Authenticate", "Bearer"),))
+        else:
+            self._reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+
+    def _reply(self, code: int, body: bytes, content_type: str, headers=()) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:  # scrapes are not worth a log line each
+        pass
+
+
+class MetricsServer:
+    """An HTTP(S) server on its own thread serving only these models' metrics, bound to the gRPC server's host,
+    with its TLS (client certificates required too under mutual TLS) and its bearer token."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
         self._httpd = httpd
         self._thread = thread
-        self.port: int = httpd.server_port
+        self.port: int = httpd.server_address[1]
 
     @classmethod
     def start(cls, stats: Iterable[ModelStats], host: str, port: int, certfile: str | None = None,
-              keyfile: str | None = None) -> "MetricsServer":
+              keyfile: str | None = None, client_cafile: str | None = None,
+              auth: Callable[[str | None], bool] | None = None) -> "MetricsServer":
+        """auth: called with the Authorization header (or None); False → 401."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(stats))
+        handler = type("MetricsHandler", (_MetricsHandler,), {"registry": registry, "auth": staticmethod(auth)
+                                                               if auth else None})
+        host = host.strip("[]")
+        server_class = type("MetricsHTTPServer", (ThreadingHTTPServer,), {
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True})
         try:
-            httpd, thread = start_http_server(port, addr=host.strip("[]"), registry=registry, certfile=certfile,
-                                              keyfile=keyfile)
+            httpd = server_class((host, port), handler)
         except OSError as exc:
             raise StartupError(f"cannot bind the metrics endpoint to {host}:{port} ({exc}); "
                                "choose another --metrics-port (0: any free port, -1: no metrics)") from None
+        if certfile:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certfile, keyfile)
+            if client_cafile:
+                context.load_verify_locations(cafile=client_cafile)
+                context.verify_mode = ssl.CERT_REQUIRED
+            httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        thread = threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True)
+        thread.start()
         return cls(httpd, thread)
 
     def close(self) -> None:

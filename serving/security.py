@@ -147,8 +147,10 @@ def channel_credentials(ca: str | None = None, cert: str | None = None, key: str
 
 def client_channel(address: str, *, tls: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
                    tls_key: str | None = None, tls_server_name: str | None = None, options=()) -> grpc.Channel:
-    """A plaintext channel, or a TLS one when tls is set or any tls_* file is given."""
-    options = list(options)
+    """A plaintext channel, or a TLS one when tls is set or any tls_* file is given. Calls are spread over every
+    address the target resolves to (round_robin: `dns:///name:port` of a headless Service, or
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051`); gRPC's default, pick_first, would send them all to one replica."""
+    options = [("grpc.lb_policy_name", "round_robin"), *options]
     if tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls_server_name))
     if tls or tls_ca or tls_cert or tls_key:

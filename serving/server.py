@@ -33,21 +33,20 @@ import os
 import signal
 import sys
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from PIL import Image
 
 from serving._proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
 from serving.backends import BACKENDS, DEVICES, load_backend
 from serving.batching import BatchingConfig
+from serving.decode_queue import Decoder
 from serving.errors import StartupError
 from serving.health import SERVING, HealthServicer
-from serving.images import DEFAULT_MAX_IMAGE_PIXELS
+from serving.images import DEFAULT_MAX_IMAGE_PIXELS, configure_pillow
 from serving.interceptors import BoundaryInterceptor, Drain
 from serving.kserve import INFER_METHOD as KSERVE_INFER_METHOD
 from serving.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
@@ -68,6 +67,7 @@ logger = logging.getLogger("serving")
 DEFAULT_QUEUE_DELAY_US = 0  # measured best on CPU (loadgen sweep): a busy backend already gathers the next batch
 DRAIN_QUIET_S = 0.1
 DEFAULT_QUEUE_SIZE = 1024
+DEFAULT_MAX_CONCURRENT_RPCS = 512  # beyond it gRPC answers RESOURCE_EXHAUSTED; bounds memory held by requests
 TYPED_INFER_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in ("Classify", "Embed"))
 
 
@@ -101,8 +101,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="largest request message accepted (gRPC answers RESOURCE_EXHAUSTED beyond it)")
     p.add_argument("--max-image-pixels", type=_positive(int), default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="largest declared width x height of an encoded image → INVALID_ARGUMENT beyond it")
+    p.add_argument("--max-request-pixels", type=_positive(int), default=limits.max_request_pixels,
+                   help="largest sum of declared width x height over one request's encoded images → "
+                        "RESOURCE_EXHAUSTED beyond it")
     p.add_argument("--decode-threads", type=_positive(int), default=min(2, os.cpu_count() or 1),
-                   help="threads decoding encoded images")
+                   help="threads decoding encoded images, in each of the two lanes (small and large images)")
+    p.add_argument("--max-decode-queue", type=_positive(int), default=8,
+                   help="large images (over 512x512 pixels) waiting for or in decoding, over all requests; a request "
+                        "that would exceed it gets RESOURCE_EXHAUSTED at once")
+    p.add_argument("--max-concurrent-rpcs", type=_positive(int), default=DEFAULT_MAX_CONCURRENT_RPCS,
+                   help="calls handled at once; gRPC refuses more with RESOURCE_EXHAUSTED")
     b = p.add_argument_group("dynamic batching (serving.batching)")
     b.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
                    help="coalesce concurrent requests into one backend call (--no-dynamic-batching: one call each)")
@@ -139,7 +147,11 @@ def _load(entry: ModelEntry, manifest: Manifest, device: str, warmup_batch: int,
           stats: ModelStats) -> tuple[ModelRunner, dict]:
     """Runs in a worker thread: load the graph, warm it up, check it against the manifest."""
     start = time.perf_counter()
-    backend = load_backend(entry.kind, entry.path, device)
+    try:
+        backend = load_backend(entry.kind, entry.path, device)
+    except OSError as exc:
+        raise StartupError(f"{exc.filename or entry.path}: cannot read model {entry.name!r} "
+                           f"({exc.strerror or exc})") from None
     loaded = time.perf_counter()
     classes, dim = backend.warmup(batch_sizes=(1, warmup_batch))
     if (classes, dim) != (manifest.num_classes, manifest.embedding_dim):
@@ -207,114 +219,201 @@ class _Shutdown:
             self._loop.remove_signal_handler(signum)
 
 
-async def serve(args: argparse.Namespace) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
-    loop = asyncio.get_running_loop()
-    shutdown = _Shutdown(loop)
+@dataclass
+class _Plan:
+    """What the flags and the repository say to serve, checked before anything binds."""
+    manifest: Manifest
+    served: list[ModelEntry]
+    typed_model: ModelEntry
+    limits: Limits
+    configs: dict
+    batching: dict
+    tls: TlsConfig | None
+    token: str | None
 
-    manifest = read_manifest(args.model_repository)
-    served = manifest.served(args.model, args.backend)
-    typed_model = manifest.select(args.model, args.backend)
-    for entry in served:
-        verify_sha256(entry)
 
-    limits = Limits(args.max_images_per_request, args.max_message_bytes, args.max_image_pixels)
-    configs, batching = _batching(args, served, manifest)
-    tls = TlsConfig.from_args(args.tls_cert, args.tls_key, args.tls_client_ca)
-    token = read_token(args.auth_token, args.auth_token_file)
-    stats = {e.name: ModelStats(e.name, e.version) for e in served}
-    typed_stats = stats[typed_model.name]
+def _plan(args: argparse.Namespace) -> _Plan:
+    """Step 1: read the repository, the model configs, TLS files and token; StartupError on any defect."""
+    try:
+        manifest = read_manifest(args.model_repository)
+        served = manifest.served(args.model, args.backend)
+        for entry in served:
+            verify_sha256(entry)
+        configs, batching = _batching(args, served, manifest)
+    except OSError as exc:  # e.g. a repository the server's user may not read (wrong owner, mode 0700)
+        raise StartupError(f"{exc.filename or args.model_repository}: cannot read the model repository "
+                           f"({exc.strerror or exc})") from None
+    return _Plan(manifest=manifest, served=served, typed_model=manifest.select(args.model, args.backend),
+                 limits=Limits(args.max_images_per_request, args.max_message_bytes, args.max_image_pixels,
+                               args.max_request_pixels),
+                 configs=configs, batching=batching,
+                 tls=TlsConfig.from_args(args.tls_cert, args.tls_key, args.tls_client_ca),
+                 token=read_token(args.auth_token, args.auth_token_file))
+
+
+@dataclass
+class _App:
+    """The server's parts, built before it listens; serve() runs them."""
+    server: grpc.aio.Server
+    health: HealthServicer
+    drain: Drain
+    decoder: Decoder
+    stats: dict
+    runners: dict  # filled as each model is loaded and warm; read by both APIs
+    address: str = ""
+    metrics: MetricsServer | None = None
+
+
+def _build(args: argparse.Namespace, plan: _Plan) -> _App:
+    """Step 2: the gRPC server with its interceptor and services (not yet bound)."""
+    stats = {e.name: ModelStats(e.name, e.version) for e in plan.served}
+    typed_stats = stats[plan.typed_model.name]
 
     def stats_for(method: str, request) -> ModelStats | None:
         if method == KSERVE_INFER_METHOD:
             return stats.get(request.model_name)
         return typed_stats if method in TYPED_INFER_METHODS else None
 
-    decode_pool = ThreadPoolExecutor(max_workers=args.decode_threads, thread_name_prefix="decode")
-    runners: dict[str, ModelRunner] = {}  # filled as each model is loaded and warm; read by both APIs
-    health = HealthServicer([SERVICE_NAME, KSERVE_SERVICE_NAME])
     drain = Drain()
     server = grpc.aio.server(
-        interceptors=[BoundaryInterceptor(TokenAuth(token) if token else None, stats_for, drain)],
+        interceptors=[BoundaryInterceptor(TokenAuth(plan.token) if plan.token else None, stats_for, drain)],
         options=[("grpc.max_receive_message_length", args.max_message_bytes),
                  ("grpc.max_send_message_length", -1),
                  ("grpc.so_reuseport", 0)],  # a busy port is an error, not a silently shared one
+        maximum_concurrent_rpcs=args.max_concurrent_rpcs,
     )
-    pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(runners, typed_model.name, limits, decode_pool), server)
+    decoder = Decoder(args.decode_threads, args.max_decode_queue, args.max_image_pixels, args.max_request_pixels)
+    runners: dict[str, ModelRunner] = {}
+    health = HealthServicer([SERVICE_NAME, KSERVE_SERVICE_NAME])
+    pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(runners, plan.typed_model.name, plan.limits, decoder),
+                                               server)
     kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(runners, served, manifest, limits.max_images_per_request, configs), server)
+        KServeServicer(runners, plan.served, plan.manifest, plan.limits.max_images_per_request, plan.configs), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, KSERVE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    address = _bind(server, args.host, args.port, tls)
-    metrics = None
+    return _App(server=server, health=health, drain=drain, decoder=decoder, stats=stats, runners=runners)
+
+
+async def _listen(args: argparse.Namespace, plan: _Plan, app: _App) -> None:
+    """Step 3: bind the gRPC port and the metrics endpoint, start answering (health NOT_SERVING)."""
+    app.address = _bind(app.server, args.host, args.port, plan.tls)
     if args.metrics_port >= 0:
+        auth = TokenAuth(plan.token) if plan.token else None
         try:
-            metrics = MetricsServer.start(stats.values(), args.host, args.metrics_port,
-                                          tls.cert if tls else None, tls.key if tls else None)
+            app.metrics = MetricsServer.start(
+                app.stats.values(), args.host, args.metrics_port, plan.tls.cert if plan.tls else None,
+                plan.tls.key if plan.tls else None, plan.tls.client_ca if plan.tls else None,
+                (lambda header: header is not None and auth.check([("authorization", header)])) if auth else None)
         except StartupError:
-            await server.stop(None)
-            decode_pool.shutdown()
+            await app.server.stop(None)
+            app.decoder.close()
             raise
-    await server.start()
-    if token and not tls and not _loopback(args.host):
+    await app.server.start()
+    if plan.token and not plan.tls and not _loopback(args.host):
         log_event(logger, logging.WARNING, "token_without_tls", host=args.host,
                   hint="the bearer token crosses the network in clear text; add --tls-cert/--tls-key")
-    log_event(logger, logging.INFO, "listening", address=address, port=int(address.rsplit(":", 1)[1]),
-              pid=os.getpid(), models=[e.name for e in served], health="NOT_SERVING",
-              metrics_port=metrics.port if metrics else None, tls=tls is not None,
-              mutual_tls=bool(tls and tls.client_ca), auth=token is not None)
+    log_event(logger, logging.INFO, "listening", address=app.address, port=int(app.address.rsplit(":", 1)[1]),
+              pid=os.getpid(), models=[e.name for e in plan.served], health="NOT_SERVING",
+              metrics_port=app.metrics.port if app.metrics else None, tls=plan.tls is not None,
+              mutual_tls=bool(plan.tls and plan.tls.client_ca), auth=plan.token is not None)
 
-    loading = None
+
+async def _load_models(args: argparse.Namespace, plan: _Plan, app: _App, shutdown: "_Shutdown") -> asyncio.Future | None:
+    """Step 4: load and warm each model in a worker thread (a signal stops the sequence); returns the load still
+    running when a signal came, if any, so the caller can release it."""
+    loop = asyncio.get_running_loop()
+    waiter = asyncio.ensure_future(shutdown.event.wait())
     try:
-        waiter = asyncio.ensure_future(shutdown.event.wait())
-        for entry in served:
-            loading = loop.run_in_executor(None, _load, entry, manifest, args.device,
-                                           min(8, args.max_images_per_request), batching[entry.name],
-                                           stats[entry.name])
+        for entry in plan.served:
+            loading = loop.run_in_executor(None, _load, entry, plan.manifest, args.device,
+                                           min(8, args.max_images_per_request), plan.batching[entry.name],
+                                           app.stats[entry.name])
             await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
             if shutdown.event.is_set():
-                break
+                return loading
             runner, timing = await loading
-            runners[entry.name] = runner
+            app.runners[entry.name] = runner
             log_event(logger, logging.INFO, "model_ready", model=entry.name, version=entry.version,
                       backend=runner.backend.kind, device=runner.backend.device,
                       providers=list(runner.backend.providers), **timing)
-        if not shutdown.event.is_set():
-            await health.set_all(SERVING)
-            typed = runners[typed_model.name].backend
-            log_event(logger, logging.INFO, "ready", address=address, port=int(address.rsplit(":", 1)[1]),
-                      models=sorted(runners), model=typed_model.name, backend=typed.kind, device=typed.device,
-                      providers=list(typed.providers), net=manifest.net, margin=manifest.margin,
-                      embedding_dim=manifest.embedding_dim, test_accuracy=manifest.test_accuracy,
-                      max_images_per_request=limits.max_images_per_request,
-                      max_message_bytes=limits.max_message_bytes, dynamic_batching=args.dynamic_batching,
-                      max_batch_size={name: b.max_batch_size for name, b in batching.items()},
-                      max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
-                      metrics_port=metrics.port if metrics else None)
-            await shutdown.event.wait()
-        waiter.cancel()
     finally:
-        log_event(logger, logging.INFO, "stopping", grace_seconds=args.grace_seconds)
-        started = time.monotonic()
-        await health.enter_graceful_shutdown()
-        drain.draining = True
-        drained = await _until(drain.wait(DRAIN_QUIET_S, args.grace_seconds / 2), shutdown.forced)
-        log_event(logger, logging.INFO, "drained", drained=drained, in_flight=drain.in_flight,
-                  seconds=round(time.monotonic() - started, 3))
-        await server.stop(0 if shutdown.forced.is_set() else max(0.0, args.grace_seconds - (time.monotonic() - started)))
-        shutdown.close()
-        decode_pool.shutdown(wait=True, cancel_futures=True)
-        if loading is not None and not loading.done():
-            late, _ = await loading  # a signal arrived while loading: let the thread finish, then release
-            late.close()
-        for runner in runners.values():
-            runner.close()
-        if metrics is not None:
-            metrics.close()
+        waiter.cancel()
+    return None
+
+
+def _log_ready(args: argparse.Namespace, plan: _Plan, app: _App) -> None:
+    typed = app.runners[plan.typed_model.name].backend
+    manifest = plan.manifest
+    log_event(logger, logging.INFO, "ready", address=app.address, port=int(app.address.rsplit(":", 1)[1]),
+              models=sorted(app.runners), model=plan.typed_model.name, backend=typed.kind, device=typed.device,
+              providers=list(typed.providers), net=manifest.net, margin=manifest.margin,
+              embedding_dim=manifest.embedding_dim, test_accuracy=manifest.test_accuracy,
+              max_images_per_request=plan.limits.max_images_per_request,
+              max_message_bytes=plan.limits.max_message_bytes, dynamic_batching=args.dynamic_batching,
+              max_batch_size={name: b.max_batch_size for name, b in plan.batching.items()},
+              max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
+              metrics_port=app.metrics.port if app.metrics else None)
+
+
+async def _drain_and_stop(args: argparse.Namespace, app: _App, shutdown: "_Shutdown",
+                          loading: asyncio.Future | None) -> None:
+    """Step 5: health NOT_SERVING, refuse new calls while those in flight finish, stop gRPC, release everything.
+    A second signal at any point ends the wait at once."""
+    log_event(logger, logging.INFO, "stopping", grace_seconds=args.grace_seconds)
+    started = time.monotonic()
+    await app.health.enter_graceful_shutdown()
+    app.drain.draining = True
+    drained = await _until(app.drain.wait(DRAIN_QUIET_S, args.grace_seconds / 2), shutdown.forced)
+    log_event(logger, logging.INFO, "drained", drained=bool(drained), in_flight=app.drain.in_flight,
+              seconds=round(time.monotonic() - started, 3))
+    grace = 0 if shutdown.forced.is_set() else max(0.0, args.grace_seconds - (time.monotonic() - started))
+    stopping = asyncio.ensure_future(app.server.stop(grace))
+    if not shutdown.forced.is_set():
+        await _until(asyncio.shield(stopping), shutdown.forced)
+    await asyncio.wait([stopping], timeout=0 if shutdown.forced.is_set() and grace else None)
+    if not stopping.done():  # a second signal while gRPC waits out the grace period: leave now
+        log_event(logger, logging.WARNING, "forced_stop", in_flight=app.drain.in_flight,
+                  hint="a second signal cut the grace period short; calls still in flight were abandoned")
+        _exit_now(0)
+    shutdown.close()
+    app.decoder.close()
+    if loading is not None and not loading.done():
+        late, _ = await loading  # a signal arrived while loading: let the thread finish, then release
+        late.close()
+    for runner in app.runners.values():
+        runner.close()
+    if app.metrics is not None:
+        app.metrics.close()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown). The steps: plan → build →
+    listen → load → (serve until a signal) → drain and stop."""
+    shutdown = _Shutdown(asyncio.get_running_loop())
+    plan = _plan(args)
+    app = _build(args, plan)
+    await _listen(args, plan, app)
+    loading = None
+    try:
+        loading = await _load_models(args, plan, app, shutdown)
+        if not shutdown.event.is_set():
+            await app.health.set_all(SERVING)
+            _log_ready(args, plan, app)
+            await shutdown.event.wait()
+    finally:
+        await _drain_and_stop(args, app, shutdown, loading)
     log_event(logger, logging.INFO, "stopped")
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """Leave without running anything else (see run_cli: no interpreter teardown of native thread pools)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _until(work, cancel: asyncio.Event) -> bool:
@@ -329,8 +428,7 @@ async def _until(work, cancel: asyncio.Event) -> bool:
 def main(args: argparse.Namespace) -> int:
     faulthandler.enable()  # a native crash prints every thread's Python stack to stderr
     configure_logging(args.log_level, args.log_format)
-    # We reject oversized images ourselves (serving.images) before decoding; Pillow's warning is noise.
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    configure_pillow(args.max_image_pixels)
     try:
         return asyncio.run(serve(args))
     except StartupError as exc:
@@ -347,11 +445,7 @@ def run_cli() -> None:
     crashed (SIGSEGV, about 1 run in 10 with the TorchScript backend), turning a clean stop into exit
     code -11; os._exit skips that teardown so the exit code is the one main() returned.
     """
-    code = main(get_args_parser().parse_args())
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _exit_now(main(get_args_parser().parse_args()))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,15 @@
 """lsoftmax.v1.DigitService: Classify, Embed, GetModelInfo. Thin: validate → runner (dynamic batching) → response.
 
 Errors are raised as serving.errors types and mapped to status codes by serving.interceptors; the
-servicer never touches status codes itself. Image decoding (serving.images) runs in a small thread pool
-when a request carries encoded images; all-raw batches are reshaped inline (microseconds). A request may
+servicer never touches status codes itself. Encoded images are decoded off the event loop by
+serving.decode_queue (its two lanes, deadline and bounds); all-raw batches are reshaped inline (microseconds). A request may
 hold more images than the batcher's max_batch_size (it is split) but not more than --max-images-per-request.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-from concurrent.futures import Executor
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -20,7 +19,8 @@ from serving import postprocess
 from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
 from serving.errors import InvalidInput, LimitExceeded, NotReady
-from serving.images import DEFAULT_MAX_IMAGE_PIXELS, decode_batch
+from serving.decode_queue import Decoder
+from serving.images import DEFAULT_MAX_IMAGE_PIXELS, Invert, all_raw, decode_batch, options
 from serving.runner import ModelRunner
 
 __all__ = ["DigitServicer", "Limits", "SERVICE_NAME"]
@@ -33,17 +33,18 @@ class Limits:
     max_images_per_request: int = 256
     max_message_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_request_pixels: int = 4 * DEFAULT_MAX_IMAGE_PIXELS
 
 
 class DigitServicer(pb_grpc.DigitServiceServicer):
     def __init__(self, runners: Mapping[str, ModelRunner], model_name: str, limits: Limits,
-                 decode_pool: Executor) -> None:
+                 decoder: Decoder) -> None:
         """runners: the server's loaded models by name, filled in as each is loaded and warm (shared with
         the KServe servicer); model_name: the one this API serves."""
         self.limits = limits
         self.model_name = model_name
         self._runners = runners
-        self._decode_pool = decode_pool
+        self._decoder = decoder
 
     def _ready(self) -> ModelRunner:
         runner = self._runners.get(self.model_name)
@@ -51,15 +52,19 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
             raise NotReady(f"model {self.model_name!r} is not loaded yet; retry shortly")
         return runner
 
-    async def _images(self, images, options: pb.ImageOptions) -> np.ndarray:
+    async def _images(self, images, image_options: pb.ImageOptions, context) -> np.ndarray:
         if len(images) > self.limits.max_images_per_request:
             raise LimitExceeded(f"{len(images)} images in one request; this server accepts at most "
                                 f"{self.limits.max_images_per_request} (--max-images-per-request)")
         items = [(image.WhichOneof("data"), image.encoded or image.pixels) for image in images]
-        args = (items, options.invert, options.fit, self.limits.max_image_pixels)
-        if any(kind != "pixels" for kind, _ in items):
-            return await asyncio.get_running_loop().run_in_executor(self._decode_pool, decode_batch, *args)
-        return decode_batch(*args)
+        if not items:
+            raise InvalidInput("the request has no images")
+        invert, fit = options(image_options.invert, image_options.fit)
+        if invert != Invert.ALWAYS and all_raw(items):
+            return decode_batch(items, invert, fit)  # raw pixels: a reshape, microseconds
+        remaining = context.time_remaining() if context is not None else None
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return await self._decoder.decode(items, invert, fit, deadline)
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         runner = self._ready()
@@ -67,7 +72,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         k = request.top_k or 1
         if k > num_classes:
             raise InvalidInput(f"top_k must be between 1 and {num_classes}, got {request.top_k}")
-        batch = await self._images(request.images, request.options)
+        batch = await self._images(request.images, request.options, context)
         logits, _ = await runner.infer(batch)
         probabilities = postprocess.softmax(logits)
         labels, scores = postprocess.top_k(probabilities, k)
@@ -80,7 +85,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         runner = self._ready()
-        batch = await self._images(request.images, request.options)
+        batch = await self._images(request.images, request.options, context)
         _, embedding = await runner.infer(batch)
         if request.l2_normalize:
             embedding = postprocess.l2_normalize(embedding)

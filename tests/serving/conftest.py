@@ -177,14 +177,16 @@ class ServerProcess:
             raise
 
 
-def scrape(server: ServerProcess, scheme: str = "http", context=None) -> dict[tuple, float]:
-    """GET /metrics → {(sample name, (label, value), ...): value}, labels sorted by name."""
+def scrape(server: ServerProcess, scheme: str = "http", context=None, token: str | None = None) -> dict[tuple, float]:
+    """GET /metrics (with `Authorization: Bearer token` when given) → {(sample name, (label, value), ...): value},
+    labels sorted by name."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     url = f"{scheme}://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10, context=context) as reply:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10, context=context) as reply:
         text = reply.read().decode()
     return {(sample.name, *sorted(sample.labels.items())): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}

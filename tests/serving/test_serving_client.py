@@ -111,3 +111,24 @@ def test_ordered_map_keeps_order_and_bounds_pending():
     assert list(ordered_map(slow_square, range(20), concurrency=4)) == [x * x for x in range(20)]
     with pytest.raises(ZeroDivisionError):
         list(ordered_map(lambda x: 1 // (x - 5), range(10), concurrency=2))
+
+
+def test_calls_are_spread_over_every_address_of_the_target(onnx_server, model_repository, helpers, digits):
+    """round_robin: `ipv4:A,B` (what a headless Service's DNS name resolves to) reaches both replicas."""
+    second = helpers.ServerProcess(model_repository, "--backend", "onnx", "--device", "cpu").start()
+    try:
+        ports = [server.address.rsplit(":", 1)[1] for server in (onnx_server, second)]
+        target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+        before = [sum(r.get("event") == "rpc" and r["method"].endswith("/Classify") for r in s.records)
+                  for s in (onnx_server, second)]
+        with Client(target, timeout=10) as client:
+            client.wait_until_serving()
+            for _ in range(20):
+                assert client.classify(digits[0][:1])[0].label in range(10)
+        time.sleep(0.2)  # the last log lines
+        after = [sum(r.get("event") == "rpc" and r["method"].endswith("/Classify") for r in s.records)
+                 for s in (onnx_server, second)]
+        served = [a - b for a, b in zip(after, before)]
+        assert sum(served) == 20 and min(served) >= 5, served
+    finally:
+        second.stop_cleanly()

@@ -7,6 +7,8 @@ Run: .venv/bin/python -m pytest tests/serving/test_serving_client_cli.py -q"""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -72,9 +74,14 @@ def test_embed_folder_writes_array_and_sidecar(capsys, onnx_server, image_folder
                                                tmp_path):
     root, _ = image_folder
     out = tmp_path / "folder_embeddings.npy"
-    code, _, err = _cli(capsys, "embed", "--server", onnx_server.address, "--input", str(root), "--output", str(out),
-                        "--batch-size", "5", "--concurrency", "3")
+    umask = os.umask(0o022)
+    try:
+        code, _, err = _cli(capsys, "embed", "--server", onnx_server.address, "--input", str(root), "--output",
+                            str(out), "--batch-size", "5", "--concurrency", "3")
+    finally:
+        os.umask(umask)
     assert code == 0, err
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (out, out.with_suffix(".json"))} == {0o644}  # not mkstemp's 0600
     sidecar = json.loads(out.with_suffix(".json").read_text())
     vectors = np.load(out)
     assert vectors.shape == (13, 128) and sidecar["count"] == 13 and sidecar["dim"] == 128

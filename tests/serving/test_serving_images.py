@@ -132,7 +132,7 @@ def _truncated_png() -> bytes:
     (None, "encoded", "truncated"),
     (_png_header(50_000, 50_000), "encoded", "exceeds the limit"),
     (_png_header(0, 10), "encoded", ""),
-    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "encoded", "not an image"),
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "encoded", "EPS images are not accepted"),
     (bytes(783), "pixels", "exactly 784 bytes"),
     (bytes(785), "pixels", "exactly 784 bytes"),
     (b"", None, "no data"),

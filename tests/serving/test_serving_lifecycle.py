@@ -13,8 +13,10 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
@@ -97,7 +99,11 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model_repository, helpe
                 future = stub.Classify.future(request, timeout=60)
                 future.add_done_callback(record)
                 futures.append(future)
-            time.sleep(0.2)  # let every call reach the server
+            # Every call reaches the server before the signal: sent together, they are taken in well under the
+            # time the first one needs to decode its 64 JPEGs (calls arriving after SIGTERM are refused, by design).
+            deadline = time.monotonic() + 30
+            while not finished and time.monotonic() < deadline:
+                time.sleep(0.005)
             signalled = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
             results = [f.result() for f in futures]  # raises if any call was lost
@@ -178,3 +184,96 @@ def test_bad_batching_and_metrics_flags_are_refused(model_repository, helpers):
                                 timeout=60)
     assert result.returncode == 1 and "cannot bind the metrics endpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unreadable_repository_is_one_line_naming_it(model_repository, helpers, tmp_path):
+    """What the serving image (uid 10001) met with a 0700 repository exported by someone else."""
+    import os
+    import tempfile
+
+    parent = Path(tempfile.mkdtemp(prefix="lsoftmax-perm-"))
+    try:
+        parent.chmod(0o755)
+        repo = parent / "repo"
+        shutil.copytree(model_repository, repo)
+        command = [sys.executable, "-m", "serving", "--model-repository", str(repo), "--port", "0",
+                   "--metrics-port", "-1", "--log-format", "text"]
+        if os.geteuid() == 0:  # root reads anything: hand the folder to another owner and drop root's override
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE")
+            for path in (repo, *repo.rglob("*")):
+                os.chown(path, 65534, 65534)
+            command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+        repo.chmod(0o700 if os.geteuid() == 0 else 0o000)
+        result = subprocess.run(command, cwd=helpers.PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        (parent / "repo").chmod(0o755)
+        shutil.rmtree(parent, ignore_errors=True)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(repo) in errors[0] and "Permission denied" in errors[0], result.stderr
+
+
+def _large_png_request(images: int = 64, side: int = 1000) -> pb.ClassifyRequest:
+    gray = np.broadcast_to(np.linspace(150, 250, side, dtype=np.float32), (side, side)).astype(np.uint8).copy()
+    gray[side // 4:3 * side // 4, side // 2 - 20:side // 2 + 20] = 10
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, "PNG", compress_level=1)
+    return pb.ClassifyRequest(images=[pb.Image(encoded=buffer.getvalue())] * images)
+
+
+def test_a_second_sigterm_cuts_the_grace_period_short(model_repository, helpers):
+    """Calls still running when the drain gives up (half the grace) hold gRPC's stop() for the other half; a second
+    signal then ends it at once."""
+    server = helpers.ServerProcess(model_repository, "--backend", "onnx", "--device", "cpu", "--grace-seconds", "4",
+                                   "--max-decode-queue", "64").start()
+    request = _large_png_request()
+    try:
+        with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", -1)]) as channel:
+            stub = pb_grpc.DigitServiceStub(channel)
+            futures = [stub.Classify.future(request, timeout=60) for _ in range(8)]  # ~10 s of decoding
+            time.sleep(0.5)
+            server.proc.send_signal(signal.SIGTERM)
+            drained = server.wait_for("drained", timeout=10)
+            assert drained["drained"] is False and drained["in_flight"] > 0
+            second = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.stop(timeout=10) == 0
+            assert time.monotonic() - second < 1.5  # not the ~2 s of grace left
+            assert server.wait_for("forced_stop")["in_flight"] > 0
+            for future in futures:
+                future.cancel()
+    finally:
+        server.kill()
+
+
+def test_calls_beyond_max_concurrent_rpcs_get_resource_exhausted(model_repository, helpers):
+    server = helpers.ServerProcess(model_repository, "--backend", "onnx", "--device", "cpu",
+                                   "--max-concurrent-rpcs", "2", "--max-decode-queue", "64").start()
+    request = _large_png_request(images=16)
+    try:
+        with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", -1)]) as channel:
+            stub = pb_grpc.DigitServiceStub(channel)
+            futures = [stub.Classify.future(request, timeout=60) for _ in range(4)]
+            codes = []
+            for future in futures:
+                try:
+                    future.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as err:
+                    codes.append(err.code())
+            assert codes.count(grpc.StatusCode.OK) >= 2
+            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1, codes
+            small = pb.ClassifyRequest(images=[pb.Image(pixels=bytes(784))])
+            for _ in range(50):  # gRPC frees the slots a moment after the answers went out
+                try:
+                    assert len(stub.Classify(small, timeout=10).results) == 1
+                    break
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    time.sleep(0.1)
+            else:
+                raise AssertionError("the server kept refusing after the calls had finished")
+    finally:
+        server.stop_cleanly()

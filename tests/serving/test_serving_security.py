@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import ssl
+import urllib.error
 import subprocess
 import sys
 from pathlib import Path
@@ -144,10 +145,18 @@ def test_limits_hold_under_tls_and_token(tls_server, pki, digits):
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_metrics_are_served_over_https_with_the_same_certificate(tls_server, pki, helpers):
+def test_metrics_are_served_over_https_with_the_same_certificate_and_token(tls_server, pki, helpers, digits):
+    with Client(tls_server.address, tls_ca=pki.ca_pem, token=TOKEN, timeout=10) as client:
+        client.classify(digits[0][:1])
     context = ssl.create_default_context(cafile=pki.ca_pem)
-    samples = helpers.scrape(tls_server, scheme="https", context=context)
+    for token in (None, "wrong"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            helpers.scrape(tls_server, scheme="https", context=context, token=token)
+        assert info.value.code == 401
+    samples = helpers.scrape(tls_server, scheme="https", context=context, token=TOKEN)
     assert helpers.metric(samples, "nv_inference_request_success", model=MODEL) >= 1
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP on the TLS port
+        helpers.scrape(tls_server, scheme="http", token=TOKEN)
 
 
 def test_cli_and_probe_speak_tls(tls_server, pki, helpers):
@@ -172,7 +181,7 @@ def test_cli_and_probe_speak_tls(tls_server, pki, helpers):
 def test_mutual_tls_requires_a_client_certificate(model_repository, helpers, pki, digits):
     server = helpers.ServerProcess(model_repository, "--backend", "onnx", "--device", "cpu",
                                    "--tls-cert", pki.server_pem, "--tls-key", pki.server_key,
-                                   "--tls-client-ca", pki.ca_pem, "--metrics-port", "-1").start()
+                                   "--tls-client-ca", pki.ca_pem).start()
     try:
         with Client(server.address, tls_ca=pki.ca_pem, timeout=3, retries=0) as client:
             with pytest.raises(grpc.RpcError) as info:
@@ -186,6 +195,12 @@ def test_mutual_tls_requires_a_client_certificate(model_repository, helpers, pki
                                cwd=helpers.PROJECT_ROOT, capture_output=True, text=True, timeout=30)
         assert probe.returncode == 0, probe.stdout
         assert server.wait_for("listening")["mutual_tls"] is True
+        context = ssl.create_default_context(cafile=pki.ca_pem)
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):  # metrics need a certificate too
+            helpers.scrape(server, scheme="https", context=context)
+        context.load_cert_chain(pki.client_pem, pki.client_key)
+        assert helpers.metric(helpers.scrape(server, scheme="https", context=context), "nv_inference_request_success",
+                              model=MODEL) >= 1
     finally:
         assert server.stop() == 0
 

@@ -1,0 +1,158 @@
+"""Hostile and heavy images (serving.images, serving.decode_queue), in-process: refused formats named, Pillow's bomb
+limit following the flag, bounded memory for huge images, the per-request pixel budget, the bounded large-image
+queue, the deadline checked between images, and small images never waiting behind large ones.
+Run: .venv/bin/python -m pytest tests/serving/test_serving_decode_queue.py -q"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import time
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.decode_queue import Decoder
+from serving.errors import DeadlineExceeded, ImageError, LimitExceeded
+from serving.images import Fit, Invert, configure_pillow, decode_image, open_image
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _big_png(side: int, mode: str = "RGBA", seed: int = 0) -> bytes:
+    """A large image that compresses well (a gradient with a dark stroke) but costs its full size to decode."""
+    ramp = np.linspace(180, 250, side, dtype=np.float32)
+    gray = np.broadcast_to(ramp, (side, side)).astype(np.uint8).copy()
+    gray[side // 4: 3 * side // 4, side // 2 - side // 40: side // 2 + side // 40] = 20
+    return _encode(Image.fromarray(gray).convert(mode), compress_level=1)
+
+
+def _ico_holding(png: bytes, declared: int = 0) -> bytes:
+    """An ICO file whose single entry is `png` (Pillow decodes such an entry while opening the file)."""
+    header = struct.pack("<HHH", 0, 1, 1)
+    entry = struct.pack("<BBBBHHII", declared, declared, 0, 0, 1, 32, len(png), 6 + 16)
+    return header + entry + png
+
+
+def test_ico_is_refused_by_name_without_decoding_its_png():
+    data = _ico_holding(_big_png(3000))
+    start = time.perf_counter()
+    with pytest.raises(ImageError, match="image 0: ICO images are not accepted"):
+        decode_image(0, data)
+    assert time.perf_counter() - start < 0.05  # the 9-megapixel PNG inside was never decoded
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
+def test_every_accepted_format_decodes(fmt):
+    image = Image.fromarray(np.full((60, 40), 255, np.uint8)).convert("RGB")
+    assert decode_image(0, _encode(image, fmt)).shape == (28, 28)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PPM", "TGA", "PCX"])
+def test_other_formats_are_refused(fmt):
+    image = Image.fromarray(np.full((32, 32), 255, np.uint8)).convert("RGB")
+    with pytest.raises(ImageError, match="not accepted|not an image this server reads"):
+        decode_image(3, _encode(image, fmt))
+
+
+def test_pillows_bomb_limit_follows_the_flag_and_its_warning_is_a_refusal(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    data = _encode(Image.new("L", (60, 60), 255))
+    with warnings.catch_warnings():
+        configure_pillow(2500)  # 3600 pixels: over Pillow's limit, under twice it (a warning, not its error)
+        assert Image.MAX_IMAGE_PIXELS == 2500
+        with pytest.raises(ImageError, match="exceeds the limit"):
+            open_image(0, data, max_image_pixels=10**6)
+
+
+def test_a_huge_rgba_png_is_decoded_in_bounded_memory():
+    data = _big_png(4096)
+    tracemalloc.start()
+    try:
+        out = decode_image(0, data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (28, 28) and out.max() > 200  # the stroke was found
+    assert peak < 40 * 2**20, f"{peak / 2**20:.0f} MiB of numpy intermediates for one image"
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale():
+    gray = np.full((3000, 4000), 235, np.uint8)
+    gray[1000:2000, 1900:2100] = 30
+    data = _encode(Image.fromarray(gray).convert("RGB"), "JPEG", quality=80)
+    im = open_image(0, data)
+    out = decode_image(0, data)
+    assert im.size == (4000, 3000) and out.shape == (28, 28) and out.max() > 200
+    # draft() picks the DCT scale: 1/4 keeps >= 512 px on the longer side of a 4000x3000 JPEG.
+    im.draft("L", (512, 512))
+    assert im.size == (1000, 750)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def _items(*datas: bytes) -> list[tuple[str, bytes]]:
+    return [("encoded", d) for d in datas]
+
+
+def test_the_request_pixel_budget_names_the_image_that_overdraws_it():
+    small = _encode(Image.new("L", (100, 100), 255))
+    decoder = Decoder(threads=1, max_request_pixels=25_000)
+    try:
+        assert _run(decoder.decode(_items(small, small), Invert.AUTO, Fit.AUTO)).shape == (2, 1, 28, 28)
+        with pytest.raises(LimitExceeded, match="image 2: .*30000 pixels"):
+            _run(decoder.decode(_items(small, small, small), Invert.AUTO, Fit.AUTO))
+    finally:
+        decoder.close()
+
+
+def test_the_deadline_is_checked_between_images():
+    big = _big_png(1500)
+    decoder = Decoder(threads=1)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            _run(decoder.decode(_items(*[big] * 40), Invert.AUTO, Fit.AUTO, deadline=time.monotonic() + 0.05))
+        assert time.perf_counter() - start < 1.0  # stopped after an image or two, not forty
+    finally:
+        decoder.close()
+
+
+def test_small_images_do_not_wait_behind_large_ones_and_the_large_queue_is_bounded():
+    big = _big_png(2048)
+    small = _encode(Image.fromarray(np.zeros((28, 28), np.uint8)))
+    decoder = Decoder(threads=1, max_queued_large=2)
+    finished: list[str] = []
+
+    async def request(name: str, items):
+        try:
+            await decoder.decode(items, Invert.AUTO, Fit.AUTO)
+            finished.append(name)
+        except LimitExceeded as exc:
+            finished.append(f"{name} refused: {exc}")
+
+    async def main():
+        heavy = [asyncio.ensure_future(request(f"large{i}", _items(*[big] * 3))) for i in range(3)]
+        await asyncio.sleep(0.05)  # the large lane is busy and its queue full
+        await request("small", _items(small))
+        finished.append("small answered")
+        await asyncio.gather(*heavy)
+
+    try:
+        _run(main())
+    finally:
+        decoder.close()
+    assert finished.index("small answered") < min(i for i, f in enumerate(finished) if f.startswith("large")
+                                                   and "refused" not in f)
+    refused = [f for f in finished if "refused" in f]
+    assert len(refused) == 1 and "--max-decode-queue 2" in refused[0]
