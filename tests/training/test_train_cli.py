@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -293,6 +294,98 @@ def test_interrupted_and_resumed_run_matches_the_unbroken_one(unbroken_run, tiny
     assert resumed["beta_schedule"] == unbroken["beta_schedule"]
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in metrics(tmp_path)]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in metrics(unbroken_run)]
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_mnist_root, tmp_path_factory):
+    """A finished SMALL run (1 epoch of 2 iterations, fast net: one-cycle lr, caffe beta with its default gamma).
+    Tests resume copies of it."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    assert train(tiny_mnist_root, out, *SMALL) == 0
+    return out
+
+
+def copy_run(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def snapshot(folder):
+    """Name -> (bytes, mtime_ns, inode) of every file in `folder`."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in sorted(folder.iterdir())}
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(one_epoch_run, tiny_mnist_root, tmp_path, capsys):
+    """--resume --epochs 2 on a finished 1-epoch run trains epoch 2 and records the new length. One-cycle lr and
+    the default caffe beta are sized by the run's length: they are rebuilt for 2 epochs and continue at the
+    iteration reached, so epoch 2 starts and ends with the lr, momentum and beta of an unbroken 2-epoch run."""
+    out = copy_run(one_epoch_run, tmp_path)
+    assert train(tiny_mnist_root, tmp_path / "unbroken", *SMALL, "--epochs", "2") == 0
+    capsys.readouterr()
+    assert train(tiny_mnist_root, out, "--resume", "--epochs", "2") == 0
+    assert "at epoch 2/2 (run resized from 1 to 2 epochs" in capsys.readouterr().out
+    rows, reference = metrics(out), metrics(tmp_path / "unbroken")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0] == metrics(one_epoch_run)[0]
+    assert (rows[1]["lr"], rows[1]["beta"]) == (reference[1]["lr"], reference[1]["beta"])
+    ckpt, ref = last(out), last(tmp_path / "unbroken")
+    assert ckpt["epoch"] == 2 and ckpt["config"]["train_args"]["epochs"] == 2
+    assert ckpt["config"]["train_args"] == ref["config"]["train_args"] | {"out": str(out), "resume": True}
+    assert ckpt["lr_scheduler"]["total_steps"] == 4
+    assert ckpt["lr_scheduler"]["_last_lr"] == ref["lr_scheduler"]["_last_lr"]
+    group, ref_group = ckpt["optimizer"]["param_groups"][0], ref["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["momentum"]) == (ref_group["lr"], ref_group["momentum"])
+    assert ckpt["beta_schedule"] == ref["beta_schedule"] == {"iteration": 4}
+    assert ckpt["model"]["head.beta"].item() == ref["model"]["head.beta"].item()
+    # The new length is the run's own now: a second plain --resume finds it finished.
+    assert train(tiny_mnist_root, out, "--resume") == 0
+    assert "already holds epoch 2 of the run's 2" in capsys.readouterr().out
+
+
+def test_resume_with_a_conflicting_flag_is_a_usage_error(one_epoch_run, tiny_mnist_root, tmp_path, capsys):
+    """A flag that describes the run must repeat the checkpoint's value on --resume (exit 2, nothing written);
+    the same value, and the how-to-run flags, are fine."""
+    out = copy_run(one_epoch_run, tmp_path)
+    before = snapshot(out)
+    assert train(tiny_mnist_root, out, "--resume", "--epochs", "2", "--margin", "4") == 2
+    assert_one_line_error(capsys.readouterr().err, "--margin 4 conflicts with the checkpoint's --margin 2",
+                          str(out / "last.pt"), "resume keeps the run's own flags")
+    assert train(tiny_mnist_root, out, "--resume", "--lr", "0.5", "--lr-schedule", "constant", "--model", "fast") == 2
+    assert_one_line_error(capsys.readouterr().err, "--lr 0.5 conflicts with the checkpoint's --lr 0.1",
+                          "--lr-schedule constant conflicts with the checkpoint's --lr-schedule onecycle")
+    assert train(tiny_mnist_root, out, "--resume", "--beta-gamma", "0.01") == 2
+    assert_one_line_error(capsys.readouterr().err,
+                          "--beta-gamma 0.01 conflicts with the checkpoint's --beta-gamma (unset)")
+    assert snapshot(out) == before
+    # The saved values given again, and runtime flags (--progress on, --vis) that differ from the first run's.
+    assert train(tiny_mnist_root, out, "--resume", *SMALL, "--epochs", "2", "--lr", "0.1", "--beta-base", "1000",
+                 "--progress", "on", "--vis") == 0
+    assert last(out)["epoch"] == 2 and (out / "features.png").is_file()
+    capsys.readouterr()
+    assert train(tiny_mnist_root, out, "--resume", "--epochs", "1") == 2
+    assert_one_line_error(capsys.readouterr().err, "--epochs 1 is below the 2 epoch(s)", str(out / "last.pt"))
+
+
+def test_explicit_flags_are_those_on_the_command_line():
+    assert train_mod.explicit_flags(["--resume", "--margin", "4", "--lr=0.1", "--epo", "3"]) == {
+        "resume", "margin", "lr", "epochs"}
+    assert train_mod.explicit_flags([]) == set()
+
+
+def test_resuming_a_finished_run_does_nothing(one_epoch_run, tiny_mnist_root, tmp_path, capsys):
+    """No larger --epochs: say so (which checkpoint, how far it got, how to extend it), exit 0, touch nothing."""
+    out = copy_run(one_epoch_run, tmp_path)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "lr"')  # even a stray line past the checkpoint stays as it is
+    before = snapshot(out)
+    for extra in ([], ["--epochs", "1"], ["--margin", "2"]):
+        assert train(tiny_mnist_root, out, "--resume", *extra) == 0
+        captured = capsys.readouterr()
+        assert captured.out.startswith(f"nothing to do: {out / 'last.pt'} already holds epoch 1 of the run's 1")
+        assert "--epochs 2" in captured.out and captured.err == ""
+        assert "training" not in captured.out
+    assert snapshot(out) == before
 
 
 def test_resume_rewrites_the_metrics_log_through_a_rename(tmp_path, monkeypatch):
