@@ -77,8 +77,8 @@ def photo(digit: np.ndarray, rng: np.random.Generator, size: tuple[int, int] = (
     scale = height / 180.0
     side = int(round(28 * rng.uniform(3.0, 5.0) * scale))
     ink = _place(_coverage(digit, side, rng.uniform(-12.0, 12.0)), height, width, rng)
-    paper = rng.uniform(190.0, 235.0) + rng.uniform(-12.0, 12.0, 3)  # slightly tinted, per channel
-    pen = rng.uniform(15.0, 60.0) + rng.uniform(-10.0, 10.0, 3)
+    paper = (rng.uniform(190.0, 235.0) + rng.uniform(-12.0, 12.0, 3)).astype(np.float32)  # tinted per channel
+    pen = (rng.uniform(15.0, 60.0) + rng.uniform(-10.0, 10.0, 3)).astype(np.float32)
     light = _lighting(height, width, rng, rng.uniform(0.3, 0.5))
     ink3 = ink[..., None]
     rgb = (paper * (1.0 - ink3) + pen * ink3) * light[..., None]
@@ -101,7 +101,7 @@ def scan(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     if rng.random() < 0.5:
         image = image.convert("RGB")
     if rng.random() < 0.5:
-        return _encode(image, "PNG")
+        return _encode(image, "PNG", compress_level=1)  # the level changes the file's size, not its pixels
     return _encode(image, "JPEG", quality=90)
 
 
@@ -116,10 +116,13 @@ def canvas(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     rows = np.flatnonzero(digit.max(axis=1) > 25)
     extent = (rows[-1] - rows[0] + 1) if rows.size else 20
     factor = side * rng.uniform(0.6, 0.8) / extent
-    up = _coverage(digit, int(round(28 * factor)), rng.uniform(-5.0, 5.0))
-    up = ndimage.maximum_filter(up, size=max(1, int(round(factor * rng.uniform(0.2, 0.6)))))  # a thicker pen
-    up = ndimage.gaussian_filter(up, factor * 0.25)
-    cover = np.clip((up - 0.35) / 0.25, 0.0, 1.0)  # solid stroke, ~anti-aliased edges
+    # The pen's shape is worked out at half scale (smooth, so nothing is lost), then thresholded at full scale.
+    half = factor / 2.0
+    up = _coverage(digit, int(round(28 * half)), rng.uniform(-5.0, 5.0))
+    up = ndimage.maximum_filter(up, size=max(1, int(round(half * rng.uniform(0.2, 0.6)))))  # a thicker pen
+    up = ndimage.gaussian_filter(up, half * 0.25)
+    up = Image.fromarray(up, mode="F").resize((2 * up.shape[1], 2 * up.shape[0]), Image.Resampling.BILINEAR)
+    cover = np.clip((np.asarray(up, np.float32) - 0.35) / 0.25, 0.0, 1.0)  # solid stroke, anti-aliased edges
     # The digit's ink box is centred-ish, as people draw in the middle of the pad.
     ys, xs = np.nonzero(cover > 0)
     cover = cover[ys.min():ys.max() + 1, xs.min():xs.max() + 1] if ys.size else cover[:1, :1]
@@ -130,12 +133,13 @@ def canvas(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     field[top:top + h, left:left + w] = cover[:h, :w]
     pen = _PENS[int(rng.integers(0, len(_PENS)))]
     if rng.random() < 0.6:
-        rgba = np.zeros((side, side, 4), np.float32)
-        rgba[..., :3] = pen * (field[..., None] > 0)
-        rgba[..., 3] = field * 255.0
-        return _encode(Image.fromarray(_to_uint8(rgba), mode="RGBA"), "PNG")
+        alpha = _to_uint8(field * 255.0)
+        rgba = np.zeros((side, side, 4), np.uint8)
+        rgba[alpha > 0, :3] = pen.astype(np.uint8)
+        rgba[..., 3] = alpha
+        return _encode(Image.fromarray(rgba, mode="RGBA"), "PNG", compress_level=1)
     rgb = 255.0 * (1.0 - field[..., None]) + pen * field[..., None]
-    return _encode(Image.fromarray(_to_uint8(rgb), mode="RGB"), "PNG")
+    return _encode(Image.fromarray(_to_uint8(rgb), mode="RGB"), "PNG", compress_level=1)
 
 
 def chalkboard(digit: np.ndarray, rng: np.random.Generator) -> bytes:
@@ -147,13 +151,13 @@ def chalkboard(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     chalk = np.clip(ink * grain * rng.uniform(0.7, 1.0), 0.0, 1.0)
     chalk = ndimage.gaussian_filter(chalk, 0.6)
     board = np.array([(38, 62, 48), (44, 48, 50), (30, 52, 40)][int(rng.integers(0, 3))], np.float32)
-    board = board * rng.uniform(0.8, 1.2)
+    board = board * np.float32(rng.uniform(0.8, 1.2))
     light = _lighting(height, width, rng, rng.uniform(0.25, 0.45))
     smudge = 1.0 + 0.15 * _low_freq(height, width, rng, 8)  # half-wiped chalk dust
     background = board * (light * smudge)[..., None]
     background += rng.standard_normal((height, width, 1), dtype=np.float32) * 4.0
-    white = rng.uniform(200.0, 240.0) + rng.uniform(-6.0, 6.0, 3)
-    rgb = background * (1.0 - chalk[..., None]) + (white * light[..., None]) * chalk[..., None]
+    white = (rng.uniform(200.0, 240.0) + rng.uniform(-6.0, 6.0, 3)).astype(np.float32)
+    rgb = background + chalk[..., None] * (white * light[..., None] - background)
     return _encode(Image.fromarray(_to_uint8(rgb), mode="RGB"), "JPEG", quality=80)
 
 
