@@ -153,7 +153,7 @@ def measure(digits: np.ndarray, labels: np.ndarray, ids: np.ndarray, kinds: Sequ
         samples[kind] = {"files": files, "seen": seen, "predictions": predictions}
         log(f"{kind}: accuracy {rows[-1]['accuracy']:.1f}% (clean {rows[-1]['clean_accuracy']:.1f}%)")
     return {"clean": {"images": len(labels), "accuracy": 100.0 * clean_correct.mean()}, "kinds": rows,
-            "samples": samples}
+            "samples": samples, "clean_predictions": clean}
 
 
 def markdown(result: dict, command: str, pipeline: str) -> str:
@@ -183,7 +183,8 @@ def _thumbnail(data: bytes) -> np.ndarray:
 
 
 def write_strip(result: dict, labels: np.ndarray, path: str | Path, per_kind: int = 4) -> None:
-    """Per kind, a few digits (failures first, where there are any): the file -> what the model saw -> label."""
+    """Per kind, a few digits (failures first, those the clean digit got right before the others): the file ->
+    what the model saw -> predicted label."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,6 +195,9 @@ def write_strip(result: dict, labels: np.ndarray, path: str | Path, per_kind: in
     for row, kind in enumerate(kinds):
         sample = result["samples"][kind]
         wrong = np.flatnonzero(sample["predictions"] != labels)
+        clean = result.get("clean_predictions")
+        if clean is not None:  # the capture's fault first: the same digit as an MNIST array was read right
+            wrong = wrong[np.argsort(clean[wrong] != labels[wrong], kind="stable")]
         right = np.flatnonzero(sample["predictions"] == labels)
         n_wrong = min(len(wrong), per_kind // 2) if len(right) else min(len(wrong), per_kind)
         picks = list(wrong[:n_wrong]) + list(right[:per_kind - n_wrong])
