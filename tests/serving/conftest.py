@@ -156,8 +156,14 @@ class ServerProcess:
         raise AssertionError("no VmRSS line")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the server (once) and wait for its exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+        return self.wait_exit(timeout)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Wait for the exit status without signalling: after a test's own SIGTERM, a second signal from stop()
+        would be the operator's "cut it short" and cancel the calls the drain is finishing."""
         try:
             return self.proc.wait(timeout)
         finally:

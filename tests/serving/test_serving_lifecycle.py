@@ -62,7 +62,7 @@ def test_health_transitions(model_repository, helpers):
             server.proc.send_signal(signal.SIGTERM)
             assert next(watch).status == NOT_SERVING
             assert list(watch) == []  # the stream ends (OK) instead of holding shutdown for the grace period
-        code = server.stop()
+        code = server.wait_exit()
         assert code == 0, "server log:\n" + "\n".join(server.lines[-60:])
         assert server.wait_for("stopped")
     finally:
@@ -110,7 +110,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model_repository, helpe
             assert all([r.label for r in res.results] == expected for res in results)
             assert len(results) == 12 and all(len(res.results) == n for res in results)
             assert sum(t > signalled for t in finished) >= 1, "no request was in flight at SIGTERM; make them heavier"
-        assert server.stop(timeout=30) == 0
+        assert server.wait_exit(timeout=30) == 0
         events = [r["event"] for r in server.records]
         assert events.index("signal") < events.index("stopping") < events.index("stopped")
         with grpc.insecure_channel(server.address) as channel:
@@ -239,7 +239,7 @@ def test_a_second_sigterm_cuts_the_grace_period_short(model_repository, helpers)
             assert drained["drained"] is False and drained["in_flight"] > 0
             second = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
-            assert server.stop(timeout=10) == 0
+            assert server.wait_exit(timeout=10) == 0
             assert time.monotonic() - second < 1.5  # not the ~2 s of grace left
             assert server.wait_for("forced_stop")["in_flight"] > 0
             for future in futures:

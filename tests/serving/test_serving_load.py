@@ -155,7 +155,7 @@ def _sigterm_under_load(model_repository, helpers) -> dict:
             time.sleep(0.05)
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        assert server.stop(timeout=30) == 0
+        assert server.wait_exit(timeout=30) == 0
         assert time.monotonic() - signalled < 20  # within the grace period
         out, err = load.communicate(timeout=60)
         assert load.returncode == 0, err[-2000:]
@@ -167,9 +167,12 @@ def _sigterm_under_load(model_repository, helpers) -> dict:
     refused = [r for r in calls if r["code"] != "OK"]
     # Every call the server took was answered, and every answer reached its client; once draining, new calls
     # were refused with UNAVAILABLE (retryable) rather than cancelled, and each client stopped at its first.
-    assert result["wrong"] == 0 and set(result["errors"]) <= {"UNAVAILABLE"}, result
+    lifecycle = [r for r in server.records if r.get("event") in ("signal", "stopping", "drained", "forced_stop",
+                                                                  "stopped")]
+    odd = [r for r in calls if r["code"] not in ("OK", "UNAVAILABLE")]
+    assert result["wrong"] == 0 and set(result["errors"]) <= {"UNAVAILABLE"}, (result["errors"],
+                                                                               result["error_details"], odd, lifecycle)
     assert result["requests"] == len(answered) > 500
-    lifecycle = [r for r in server.records if r.get("event") in ("stopping", "drained", "forced_stop", "stopped")]
     assert {r["code"] for r in refused} <= {"UNAVAILABLE"}, ([r for r in refused if r["code"] != "UNAVAILABLE"],
                                                             lifecycle)
     assert result["errors"].get("UNAVAILABLE", 0) <= 64
