@@ -6,6 +6,9 @@
         results = client.classify(["three.png", open("seven.jpg", "rb").read()], top_k=3)
         results[0].label, results[0].probability, results[0].top_k
         vectors = client.embed(uint8_digits)                 # float32 [N, D]
+        client.classify(["photo.jpg"], return_inputs=True)[0].model_input   # uint8 [28, 28] the model saw
+    preprocess(open("photo.jpg", "rb").read())               # uint8 [1, 28, 28]: the typed API's preprocessing,
+                                                             # for tritonclient / KServe users
         labels, probs = client.classify_array(uint8_digits)  # many images: batched, several requests in flight
         client.info()                                        # dict: model, backend, device, manifest facts
 
@@ -42,7 +45,7 @@ from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
 from serving.security import bearer_metadata, client_channel
 
-__all__ = ["Client", "Classification", "DEFAULT_ADDRESS", "image_messages", "ordered_map"]
+__all__ = ["Client", "Classification", "DEFAULT_ADDRESS", "image_messages", "ordered_map", "preprocess"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 INVERT_CHOICES = ("auto", "never", "always")
@@ -57,6 +60,7 @@ class Classification:
     probability: float
     top_k: list[tuple[int, float]]
     logits: np.ndarray | None = None
+    model_input: np.ndarray | None = None  # uint8 [28, 28] the model was fed (return_inputs=True)
 
 
 def _array_images(array: np.ndarray) -> list[pb.Image]:
@@ -94,6 +98,21 @@ def image_messages(images) -> list[pb.Image]:
         else:
             raise TypeError(f"cannot send {type(image).__name__} as an image; use a path, bytes or a uint8 array")
     return messages
+
+
+def preprocess(image, *, invert: str = "auto", fit: str = "auto") -> np.ndarray:
+    """An encoded image (bytes or a path) → uint8 [1, 28, 28], exactly what the typed API feeds the model for it
+    (serving.images: the same decoding, polarity and MNIST framing). For KServe / tritonclient users, whose
+    `image` input takes uint8 [N, 1, 28, 28]: preprocess on the client, then stack. Raises
+    serving.errors.ImageError for an image the server would refuse with INVALID_ARGUMENT."""
+    from serving.images import Fit, Invert, decode_image
+
+    if invert not in INVERT_CHOICES or fit not in FIT_CHOICES:
+        raise ValueError(f"invert must be one of {INVERT_CHOICES} and fit one of {FIT_CHOICES}")
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:
+            image = f.read()
+    return decode_image(0, bytes(image), Invert[invert.upper()], Fit[fit.upper()])[None]
 
 
 def _options(invert: str, fit: str) -> pb.ImageOptions:
@@ -172,15 +191,18 @@ class Client:
                 time.sleep(delay)
                 attempt += 1
 
-    def classify(self, images, *, top_k: int = 1, return_logits: bool = False, invert: str = "auto",
-                 fit: str = "auto", timeout: float | None = None) -> list[Classification]:
-        """One request; returns one Classification per image, in order."""
+    def classify(self, images, *, top_k: int = 1, return_logits: bool = False, return_inputs: bool = False,
+                 invert: str = "auto", fit: str = "auto", timeout: float | None = None) -> list[Classification]:
+        """One request; returns one Classification per image, in order. return_inputs: each carries the
+        uint8 [28, 28] the model was fed (`model_input`), to see what the preprocessing made of an image."""
         request = pb.ClassifyRequest(images=image_messages(images), top_k=top_k, return_logits=return_logits,
-                                     options=_options(invert, fit))
+                                     return_inputs=return_inputs, options=_options(invert, fit))
         response = self._call(self._stub.Classify, request, timeout)
         return [Classification(label=r.label, probability=r.probability,
                                top_k=[(s.label, s.probability) for s in r.top_k],
-                               logits=np.asarray(r.logits, np.float32) if return_logits else None)
+                               logits=np.asarray(r.logits, np.float32) if return_logits else None,
+                               model_input=np.frombuffer(r.model_input, np.uint8).reshape(28, 28)
+                               if return_inputs and len(r.model_input) == 784 else None)
                 for r in response.results]
 
     def embed(self, images, *, l2_normalize: bool = False, invert: str = "auto", fit: str = "auto",

@@ -2,7 +2,8 @@
 
     python -m serving.client classify [--server HOST:PORT] [--json] [--top-k K] IMAGE...
         one line per file: FILE<TAB>label<TAB>probability (--json: one list, one object per input, in order:
-        {"file", "label", "probability", "top_k": [{"label", "probability"}, ...]})
+        {"file", "label", "probability", "top_k": [{"label", "probability"}, ...]}); --save-inputs DIR also
+        writes what the model saw for each file as DIR/NNNNN_NAME.png ("model_input" in --json)
     python -m serving.client embed --input DIR_OR_NPY --output OUT.npy [--batch-size 256] [--concurrency 4]
         a folder of images (searched recursively; a parent folder named 0-9 gives the label) or a uint8 .npy/IDX
         of digits → OUT.npy float32 [N, D] plus OUT.json (ids, labels, model); written to temp files and
@@ -63,7 +64,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON list, one object per input")
     p.add_argument("--top-k", type=int, default=1, help="also list the k most probable classes")
     p.add_argument("--batch-size", type=int, default=64, help="images per request")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    p.add_argument("--save-inputs", type=Path, default=None, metavar="DIR",
+                   help="write what the model saw for each image as DIR/NNNNN_NAME.png (28x28, white on black), "
+                        "to see why a label is wrong")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, GIF, BMP, TIFF, WebP)")
 
     p = sub.add_parser("embed", help="embeddings of a folder of images or a .npy of digits", formatter_class=fmt)
     _add_common(p)
@@ -126,16 +130,21 @@ def _classify(client: Client, args) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise CliError(f"no such file: {', '.join(missing)}")
+    if args.save_inputs is not None:
+        args.save_inputs.mkdir(parents=True, exist_ok=True)
     rows = []
     for start in range(0, len(paths), max(1, args.batch_size)):
         chunk = paths[start:start + max(1, args.batch_size)]
         try:
-            results = client.classify(chunk, top_k=args.top_k, invert=args.invert, fit=args.fit, timeout=args.timeout)
+            results = client.classify(chunk, top_k=args.top_k, invert=args.invert, fit=args.fit, timeout=args.timeout,
+                                      return_inputs=args.save_inputs is not None)
         except grpc.RpcError as err:
             raise CliError(_name_failed_image(err, [str(p) for p in chunk])) from None
-        for path, r in zip(chunk, results):
+        for index, (path, r) in enumerate(zip(chunk, results), start=start):
             rows.append({"file": str(path), "label": r.label, "probability": round(float(r.probability), 6),
                          "top_k": [{"label": label, "probability": round(float(p), 6)} for label, p in r.top_k]})
+            if args.save_inputs is not None:
+                rows[-1]["model_input"] = str(_save_input(args.save_inputs, index, path, r.model_input))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -145,6 +154,17 @@ def _classify(client: Client, args) -> int:
                 line += "\t" + " ".join(f"{t['label']}:{t['probability']:.4f}" for t in row["top_k"])
             print(line)
     return 0
+
+
+def _save_input(folder: Path, index: int, source: Path, pixels: np.ndarray | None) -> Path:
+    """The 28x28 the model saw for the index-th file, as FOLDER/NNNNN_STEM.png (numbered: stems may repeat)."""
+    from PIL import Image
+
+    if pixels is None:
+        raise CliError(f"{source}: the server did not return the model input (does it support return_inputs?)")
+    target = folder / f"{index:05d}_{source.stem}.png"
+    _atomic_write(target, lambda f: Image.fromarray(pixels, mode="L").save(f, format="PNG"))
+    return target
 
 
 def _image_files(folder: Path) -> list[Path]:

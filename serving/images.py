@@ -38,7 +38,7 @@ __all__ = ["Invert", "Fit", "SIDE", "PIXELS", "DEFAULT_MAX_IMAGE_PIXELS", "ACCEP
 
 PIXELS = SIDE * SIDE
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
-WORK_SIDE = 512  # longer side images are shrunk to before any arithmetic (framing needs ~4x the 20 px box)
+WORK_SIDE = 160  # longer side images are shrunk to before any arithmetic: the digit ends up 20 px tall, 160 px finds it
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
 Image.init()

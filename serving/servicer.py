@@ -80,7 +80,8 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         for i in range(len(batch)):
             top = [pb.ClassScore(label=int(label), probability=float(p)) for label, p in zip(labels[i], scores[i])]
             results.append(pb.Classification(label=top[0].label, probability=top[0].probability, top_k=top,
-                                             logits=logits[i].tolist() if request.return_logits else ()))
+                                             logits=logits[i].tolist() if request.return_logits else (),
+                                             model_input=batch[i].tobytes() if request.return_inputs else b""))
         return pb.ClassifyResponse(results=results, model_name=runner.name, model_version=runner.version)
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.client import Client, image_messages, ordered_map
+from serving.client import Client, image_messages, ordered_map, preprocess
 
 
 class _Unavailable(grpc.RpcError):
@@ -132,3 +132,21 @@ def test_calls_are_spread_over_every_address_of_the_target(onnx_server, model_re
         assert sum(served) == 20 and min(served) >= 5, served
     finally:
         second.stop_cleanly()
+
+
+def test_preprocess_is_the_typed_apis_pipeline_for_kserve_users(onnx_server, tmp_path):
+    """What a tritonclient user feeds `image` after preprocess() is what Classify's return_inputs shows."""
+    from PIL import Image, ImageDraw
+
+    page = Image.new("L", (400, 300), 240)
+    ImageDraw.Draw(page).ellipse([(150, 60), (250, 240)], outline=20, width=16)  # a dark "0" on paper
+    path = tmp_path / "zero.png"
+    page.save(path)
+    batch = preprocess(path)
+    assert batch.shape == (1, 28, 28) and batch.dtype == np.uint8 and batch.max() > 200
+    with Client(onnx_server.address, timeout=10) as client:
+        served = client.classify([path], return_inputs=True)[0].model_input
+    np.testing.assert_array_equal(batch[0], served)
+    np.testing.assert_array_equal(preprocess(path.read_bytes(), invert="never"), preprocess(path, invert="never"))
+    with pytest.raises(ValueError):
+        preprocess(path, fit="stretch")

@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +59,21 @@ def test_classify_text_and_json(capsys, onnx_server, image_folder, digits, model
     for row, p in zip(rows, probabilities):
         assert row["label"] == int(p.argmax()) and row["probability"] == pytest.approx(float(p.max()), abs=1e-5)
         assert [t["label"] for t in row["top_k"]] == np.argsort(-p, kind="stable")[:3].tolist()
+
+
+def test_classify_save_inputs_writes_what_the_model_saw(capsys, onnx_server, image_folder, digits, tmp_path):
+    _, paths = image_folder
+    files = [str(p) for p in paths[:3]]
+    code, out, err = _cli(capsys, "classify", "--server", onnx_server.address, "--json", "--save-inputs",
+                          str(tmp_path / "seen"), *files)
+    assert code == 0, err
+    rows = json.loads(out)
+    from PIL import Image
+
+    for i, row in enumerate(rows):
+        saved = Path(row["model_input"])
+        assert saved.parent == tmp_path / "seen" and saved.name == f"{i:05d}_{Path(files[i]).stem}.png"
+        np.testing.assert_array_equal(np.asarray(Image.open(saved)), digits[0][i])  # 28x28 PNGs: as they are
 
 
 def test_classify_names_the_bad_file(capsys, onnx_server, image_folder, tmp_path):

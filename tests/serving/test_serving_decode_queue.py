@@ -18,7 +18,7 @@ from PIL import Image
 
 from serving.decode_queue import Decoder
 from serving.errors import DeadlineExceeded, ImageError, LimitExceeded
-from serving.images import Fit, Invert, configure_pillow, decode_image, open_image
+from serving.images import WORK_SIDE, Fit, Invert, configure_pillow, decode_image, open_image
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -92,9 +92,9 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale():
     im = open_image(0, data)
     out = decode_image(0, data)
     assert im.size == (4000, 3000) and out.shape == (28, 28) and out.max() > 200
-    # draft() picks the DCT scale: 1/4 keeps >= 512 px on the longer side of a 4000x3000 JPEG.
-    im.draft("L", (512, 512))
-    assert im.size == (1000, 750)
+    # draft() picks the smallest DCT scale that keeps WORK_SIDE px: 1/8 of a 4000x3000 JPEG.
+    im.draft("L", (WORK_SIDE, WORK_SIDE))
+    assert im.size == (500, 375)
 
 
 def _run(coro):

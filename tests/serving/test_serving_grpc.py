@@ -59,6 +59,20 @@ def test_large_encoded_image_is_fitted_as_in_process(stub, model_repository, hel
     np.testing.assert_allclose(response.results[0].logits, logits[0], atol=1e-5)
 
 
+def test_return_inputs_shows_what_the_model_was_fed(stub, digits):
+    """A photo-like capture and a raw array: model_input is the preprocessing's result, as in-process."""
+    page = Image.new("RGB", (320, 240), (235, 230, 220))
+    ImageDraw.Draw(page).line([(120, 60), (200, 60), (150, 190)], fill=(30, 30, 40), width=14)  # a dark "7"
+    buffer = io.BytesIO()
+    page.save(buffer, "JPEG", quality=80)
+    images = [pb.Image(encoded=buffer.getvalue()), pb.Image(pixels=digits[0][0].tobytes())]
+    response = stub.Classify(pb.ClassifyRequest(images=images, return_inputs=True))
+    seen = [np.frombuffer(r.model_input, np.uint8).reshape(28, 28) for r in response.results]
+    np.testing.assert_array_equal(seen[0], decode_image(0, buffer.getvalue()))
+    np.testing.assert_array_equal(seen[1], digits[0][0])
+    assert not any(r.model_input for r in stub.Classify(pb.ClassifyRequest(images=images)).results)  # opt-in
+
+
 def test_classify_defaults_and_top_k_bounds(stub, digits):
     response = stub.Classify(pb.ClassifyRequest(images=_raw(digits[0][:2])))
     assert all(len(r.top_k) == 1 and len(r.logits) == 0 for r in response.results)

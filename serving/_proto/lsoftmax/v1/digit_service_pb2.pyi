@@ -42,16 +42,18 @@ class ImageOptions(_message.Message):
     def __init__(self, invert: _Optional[_Union[Invert, str]] = ..., fit: _Optional[_Union[Fit, str]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("images", "top_k", "return_logits", "options")
+    __slots__ = ("images", "top_k", "return_logits", "options", "return_inputs")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_INPUTS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     top_k: int
     return_logits: bool
     options: ImageOptions
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., options: _Optional[_Union[ImageOptions, _Mapping]] = ...) -> None: ...
+    return_inputs: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., options: _Optional[_Union[ImageOptions, _Mapping]] = ..., return_inputs: _Optional[bool] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("label", "probability")
@@ -62,16 +64,18 @@ class ClassScore(_message.Message):
     def __init__(self, label: _Optional[int] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Classification(_message.Message):
-    __slots__ = ("label", "probability", "top_k", "logits")
+    __slots__ = ("label", "probability", "top_k", "logits", "model_input")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_INPUT_FIELD_NUMBER: _ClassVar[int]
     label: int
     probability: float
     top_k: _containers.RepeatedCompositeFieldContainer[ClassScore]
     logits: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, label: _Optional[int] = ..., probability: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., logits: _Optional[_Iterable[float]] = ...) -> None: ...
+    model_input: bytes
+    def __init__(self, label: _Optional[int] = ..., probability: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., logits: _Optional[_Iterable[float]] = ..., model_input: _Optional[bytes] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("results", "model_name", "model_version")
