@@ -29,8 +29,9 @@ test-all: install
 data: install
 	$(PY) -m training.data
 
+# Regenerate serving/_proto/ from protos/ (dev tooling: needs grpcio-tools, not shipped in the serving image).
 protos: install
-	$(PY) -m serving.protos_gen
+	$(PY) scripts/protos_gen.py
 
 # The whole pipeline: data -> train (fast, m=4) -> export -> serve -> classify 10k digits -> embed -> plot.
 demo: install

@@ -1,25 +1,37 @@
-"""The committed stubs in serving/_proto match what `python -m serving.protos_gen` generates now, and import
+"""The committed stubs in serving/_proto match what `python scripts/protos_gen.py` generates now, and import
 as a package. Run: .venv/bin/python -m pytest tests/serving/test_serving_protos.py -q"""
 
 import importlib
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
-from serving import protos_gen
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "protos_gen.py"
+_spec = importlib.util.spec_from_file_location("protos_gen", SCRIPT)
+protos_gen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(protos_gen)
 
 
 def test_committed_stubs_are_fresh():
     stale = protos_gen.differences()
-    assert stale == [], f"regenerate with `python -m serving.protos_gen`; stale: {stale}"
+    assert stale == [], f"regenerate with `python scripts/protos_gen.py`; stale: {stale}"
 
 
 def test_check_flag_agrees(tmp_path):
-    assert subprocess.run([sys.executable, "-m", "serving.protos_gen", "--check"], cwd=protos_gen.REPO_ROOT,
+    assert subprocess.run([sys.executable, str(SCRIPT), "--check"], cwd=protos_gen.REPO_ROOT,
                           capture_output=True).returncode == 0
     # A stub tree missing a file is reported stale.
     protos_gen.generate(tmp_path / "_proto")
     (tmp_path / "_proto/lsoftmax/v1/digit_service_pb2.pyi").unlink()
     assert protos_gen.differences(tmp_path / "_proto") == ["lsoftmax/v1/digit_service_pb2.pyi"]
+    stale = subprocess.run([sys.executable, str(SCRIPT), "--check", "--out", str(tmp_path / "_proto")],
+                           capture_output=True, text=True)
+    assert stale.returncode == 1 and "digit_service_pb2.pyi" in stale.stderr
+
+
+def test_the_generator_writes_into_the_serving_package():
+    assert protos_gen.STUB_ROOT == protos_gen.REPO_ROOT / "serving" / "_proto"
 
 
 def test_grpc_stubs_import_as_a_package():
