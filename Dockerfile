@@ -14,7 +14,7 @@ COPY requirements-serving.txt /tmp/requirements-serving.txt
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements-serving.txt
 
-# ---- serving image: runtime deps + serving/ only, non-root ---------------------------------
+# ---- serving image: runtime deps + serving/ only (server and client; dev tools stay in scripts/), non-root ----
 FROM ${PYTHON_IMAGE} AS serving
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin serve
 COPY --from=serving-deps /opt/venv /opt/venv
@@ -28,7 +28,7 @@ USER 10001
 EXPOSE 50051 8002
 # Healthy once grpc.health.v1 reports SERVING (model loaded and warmed up).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-m", "serving.probe", "--address", "127.0.0.1:50051"]
+    CMD ["python", "-m", "serving.client.probe", "--address", "127.0.0.1:50051"]
 ENTRYPOINT ["python", "-m", "serving", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "8002", "--model-repository", "/models"]
 
 # ---- training on CUDA: the whole project, torch's CUDA build from PyPI ---------------------

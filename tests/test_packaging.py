@@ -1,6 +1,7 @@
 """Shipping files checked without a Docker engine: the Dockerfile is hadolint-clean, every path it copies
-exists, its entry point and health check parse with the server's own parsers, the serving image's
-requirements agree with pyproject.toml, and the Kubernetes example is valid YAML the server accepts."""
+exists, serving/ (all the serving image gets) needs no dev-only package, its entry point and health check
+parse with their own parsers, the serving image's requirements agree with pyproject.toml, and the Kubernetes
+example is valid YAML the server accepts."""
 
 from __future__ import annotations
 
@@ -63,6 +64,18 @@ def test_serving_image_is_slim_and_non_root():
     assert any(w == "HEALTHCHECK" for w, _ in serving)
 
 
+def test_serving_package_holds_runtime_code_only():
+    """What the serving image copies: the server and the client package, no dev tooling (scripts/) and nothing
+    from training or export."""
+    client = ROOT / "serving" / "client"
+    assert (client / "__init__.py").is_file() and (client / "__main__.py").is_file()
+    dev_only = re.compile(r"^\s*(?:from|import)\s+(grpc_tools|pytest|tritonclient|training|export|scripts|bench)\b",
+                          re.MULTILINE)
+    offenders = {str(path.relative_to(ROOT)): match.group(1) for path in (ROOT / "serving").rglob("*.py")
+                 for match in [dev_only.search(path.read_text())] if match}
+    assert offenders == {}, f"the serving image would ship code needing dev-only packages: {offenders}"
+
+
 def _exec_form(rest: str) -> list[str]:
     return yaml.safe_load(rest[rest.index("["):])
 
@@ -75,7 +88,8 @@ def test_entrypoint_and_healthcheck_parse():
     result = parse_only(entry[2:])
     assert result.returncode == 0, result.stderr
     check = _exec_form(next(r for w, r in serving if w == "HEALTHCHECK").split("CMD", 1)[1])
-    assert check[:3] == ["python", "-m", "serving.probe"] and (ROOT / "serving" / "probe.py").is_file()
+    assert check[:3] == ["python", "-m", "serving.client.probe"]
+    assert (ROOT / "serving" / "client" / "probe.py").is_file()
     result = parse_only(check[2:])
     assert result.returncode == 0, result.stderr
 

@@ -65,7 +65,7 @@ def test_readme_covers_every_step():
 
 
 def test_client_flags_named_in_readme_exist():
-    known = option_strings("serving.client_cli:get_args_parser")
+    known = option_strings("serving.client.cli:get_args_parser")
     section = README.split("## Server configuration", 1)[1].split("##", 1)[0]
     prose = "\n".join(line for line in section.splitlines() if not line.startswith("|"))
     named = set(re.findall(r"`(--[a-z][a-z0-9-]*)", prose)) - {"--grace-seconds"}

@@ -1,6 +1,7 @@
-"""`python -m serving.client` and `python -m serving.probe` against the session's ONNX server: classify (text and
+"""`python -m serving.client` and `python -m serving.client.probe` against the session's ONNX server: classify (text and
 --json), embed from a folder and from .npy (atomic output + sidecar), evaluate from .npy and IDX, info, errors
-naming the file, and the container health probe.
+naming the file, the container health probe, exit statuses (0 done, 1 runtime failure, 2 usage) and what each
+entry point loads.
 Most cases call the CLI's main() in-process (fast); one runs the real `python -m serving.client`.
 Run: .venv/bin/python -m pytest tests/serving/test_serving_client_cli.py -q"""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.client_cli import get_args_parser, main
+from serving.client.cli import get_args_parser, main, parse_args
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -175,10 +177,65 @@ def test_info_and_the_real_entry_point(capsys, onnx_server, image_folder, helper
 
 
 def test_health_probe(onnx_server, helpers):
-    probe = [sys.executable, "-m", "serving.probe", "--timeout", "2"]
+    probe = [sys.executable, "-m", "serving.client.probe", "--timeout", "2"]
     ok = subprocess.run([*probe, "--address", onnx_server.address], cwd=helpers.PROJECT_ROOT, capture_output=True,
                         text=True, timeout=30)
     assert ok.returncode == 0 and "SERVING" in ok.stdout
     unknown = subprocess.run([*probe, "--address", onnx_server.address, "--service", "nope"],
                              cwd=helpers.PROJECT_ROOT, capture_output=True, text=True, timeout=30)
     assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["classify", "--batch-size", "0", "x.png"],
+    ["embed", "--concurrency", "-1", "--input", "d", "--output", "o.npy"],
+    ["classify", "--top-k", "two", "x.png"],
+    ["info", "--token", "t", "--token-file", "f"],
+    ["info", "--tls-cert", "c.pem"],
+    ["frobnicate"],
+])
+def test_usage_errors_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv)
+    assert exited.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_runtime_failures_exit_1(capsys, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    code, _, err = _cli(capsys, "info", "--server", closed, "--timeout", "0.5")
+    assert code == 1 and err.startswith(f"error: {closed}: ")
+    code, _, err = _cli(capsys, "info", "--server", closed, "--token-file", str(tmp_path / "missing"))
+    assert code == 1 and "cannot read the token file" in err
+
+
+def test_probe_exit_codes(helpers):
+    from serving.client import probe
+
+    with pytest.raises(SystemExit) as exited:
+        probe.parse_args(["--tls-key", "k.pem"])
+    assert exited.value.code == 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        assert probe.main(probe.parse_args(["--address", f"127.0.0.1:{s.getsockname()[1]}", "--timeout", "0.5"])) == 1
+    shim = subprocess.run([sys.executable, "-m", "serving.probe", "--help"], cwd=helpers.PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert shim.returncode == 0 and "--address" in shim.stdout
+
+
+def test_entry_points_load_each_module_once_and_the_probe_stays_light(helpers):
+    """`python -m serving.client` runs the package's __main__: cli.py and library.py are each loaded once (not
+    once as __main__ and again under their name); the probe imports neither the library nor numpy."""
+    code = ("import runpy, sys\nsys.argv = ['serving.client', '--help']\n"
+            "try:\n    runpy.run_module('serving.client', run_name='__main__', alter_sys=True)\n"
+            "except SystemExit:\n    pass\n"
+            "files = [getattr(m, '__file__', None) or '' for m in list(sys.modules.values())]\n"
+            "print(sum(f.endswith(('client/cli.py', 'client/library.py')) for f in files), file=sys.stderr)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=helpers.PROJECT_ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and run.stderr.strip().splitlines()[-1] == "2", run.stderr
+    light = subprocess.run([sys.executable, "-c", "import sys, serving.client.probe\n"
+                            "print(sorted({'numpy', 'serving.client.library'} & set(sys.modules)))"],
+                           cwd=helpers.PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert light.returncode == 0 and light.stdout.strip() == "[]", light.stdout + light.stderr

@@ -1,27 +1,6 @@
-"""Client library for lsoftmax.v1.DigitService (command line: `python -m serving.client --help`).
+"""The client library of lsoftmax.v1.DigitService: Client, Classification, image conversion, preprocess.
 
-    from serving.client import Client
-    with Client("127.0.0.1:50051") as client:
-        client.wait_until_serving()
-        results = client.classify(["three.png", open("seven.jpg", "rb").read()], top_k=3)
-        results[0].label, results[0].probability, results[0].top_k
-        vectors = client.embed(uint8_digits)                 # float32 [N, D]
-        client.classify(["photo.jpg"], return_inputs=True)[0].model_input   # uint8 [28, 28] the model saw
-    preprocess(open("photo.jpg", "rb").read())               # uint8 [1, 28, 28]: the typed API's preprocessing,
-                                                             # for tritonclient / KServe users
-        labels, probs = client.classify_array(uint8_digits)  # many images: batched, several requests in flight
-        client.info()                                        # dict: model, backend, device, manifest facts
-
-Secured servers (serving.security): `Client(address, tls_ca="ca.pem", token="...")` talks TLS, verifying the
-server against ca.pem (tls=True alone: the system's roots), sends `authorization: Bearer <token>` with every
-call, and presents tls_cert/tls_key to a server that requires client certificates (mutual TLS).
-tls_server_name overrides the name checked against the certificate (e.g. when dialling an IP address).
-
-Images are file paths, encoded bytes (PNG, JPEG, ... — the server decodes and fits them), or uint8 numpy
-arrays in MNIST polarity (a [28,28] / [784] image, or a batch [N,28,28] / [N,784] / [N,1,28,28]) sent as
-raw pixels. Every call has a deadline (`timeout`, default 30 s) and is retried on UNAVAILABLE (server
-starting, restarting or briefly unreachable) with exponential backoff and jitter inside that deadline.
-Other errors surface as grpc.RpcError with the server's status code and details.
+Import it as `serving.client` (the package re-exports everything here; its docstring shows the usage).
 """
 
 from __future__ import annotations
@@ -29,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -43,9 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
-from serving.security import bearer_metadata, client_channel
+from serving.client.security import bearer_metadata, client_channel
 
-__all__ = ["Client", "Classification", "DEFAULT_ADDRESS", "image_messages", "ordered_map", "preprocess"]
+__all__ = ["Client", "Classification", "DEFAULT_ADDRESS", "FIT_CHOICES", "INVERT_CHOICES", "image_messages",
+           "ordered_map", "preprocess"]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 INVERT_CHOICES = ("auto", "never", "always")
@@ -267,8 +246,3 @@ class Client:
         parts = list(ordered_map(embed, self._batches(images, batch_size), concurrency, done))
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
-
-if __name__ == "__main__":
-    from serving.client_cli import get_args_parser, main
-
-    sys.exit(main(get_args_parser().parse_args()))

@@ -13,7 +13,9 @@
     python -m serving.client info
 Secured servers: --tls-ca CA.pem (or --tls for the system roots) [--tls-cert C --tls-key K for mutual TLS]
 [--tls-server-name NAME] and --token T (default: env LSOFTMAX_AUTH_TOKEN) or --token-file F.
-Exit status: 0 on success, 1 when the server or the input says no (the message names the file), 2 on usage.
+Exit status: 0 on success, 1 when the server or the input says no (the message names the file), 2 on usage
+(argparse: unknown flags, bad values such as --batch-size 0, --token with --token-file, --tls-cert without
+--tls-key), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -30,15 +32,25 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from serving.arrays import ArrayFileError, load_digits, load_labels
-from serving.client import DEFAULT_ADDRESS, FIT_CHOICES, INVERT_CHOICES, Client, ordered_map
-from serving.security import add_client_args, client_kwargs
+from serving.client.arrays import ArrayFileError, load_digits, load_labels
+from serving.client.library import DEFAULT_ADDRESS, FIT_CHOICES, INVERT_CHOICES, Client, ordered_map
+from serving.client.security import add_client_args, check_client_args, client_kwargs
 
-__all__ = ["get_args_parser", "main"]
+__all__ = ["get_args_parser", "main", "parse_args", "run_cli"]
 
 
 class CliError(Exception):
     """A failure to report as `error: ...` with exit status 1."""
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser, images: bool = True) -> None:
@@ -62,8 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="label and probability per image file", formatter_class=fmt)
     _add_common(p)
     p.add_argument("--json", action="store_true", help="print one JSON list, one object per input")
-    p.add_argument("--top-k", type=int, default=1, help="also list the k most probable classes")
-    p.add_argument("--batch-size", type=int, default=64, help="images per request")
+    p.add_argument("--top-k", type=_at_least_one, default=1, help="also list the k most probable classes")
+    p.add_argument("--batch-size", type=_at_least_one, default=64, help="images per request")
     p.add_argument("--save-inputs", type=Path, default=None, metavar="DIR",
                    help="write what the model saw for each image as DIR/NNNNN_NAME.png (28x28, white on black), "
                         "to see why a label is wrong")
@@ -75,8 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                   "[N,1,28,28]) or IDX")
     p.add_argument("--output", required=True, type=Path, help="OUT.npy (float32 [N, D]); OUT.json is written beside it")
     p.add_argument("--labels", default=None, help="labels (.npy or IDX) to record for an array input")
-    p.add_argument("--batch-size", type=int, default=256, help="images per request")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--batch-size", type=_at_least_one, default=256, help="images per request")
+    p.add_argument("--concurrency", type=_at_least_one, default=4, help="requests in flight")
     p.add_argument("--l2-normalize", action="store_true", help="unit-length embeddings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -85,8 +97,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="uint8 digits: .npy ([N,28,28], [N,784], [N,1,28,28]) or IDX, "
                                                   "e.g. MNIST/raw/t10k-images-idx3-ubyte")
     p.add_argument("--labels", required=True, help="labels: .npy or IDX, e.g. MNIST/raw/t10k-labels-idx1-ubyte")
-    p.add_argument("--batch-size", type=int, default=256, help="images per request")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--batch-size", type=_at_least_one, default=256, help="images per request")
+    p.add_argument("--concurrency", type=_at_least_one, default=4, help="requests in flight")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -297,11 +309,14 @@ def _info(client: Client, args) -> int:
 COMMANDS = {"classify": _classify, "embed": _embed, "evaluate": _evaluate, "info": _info}
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line → arguments; usage errors exit 2 (argparse's convention)."""
+    parser = get_args_parser()
+    return check_client_args(parser, parser.parse_args(argv))
+
+
 def main(args: argparse.Namespace) -> int:
-    for flag in ("batch_size", "concurrency", "top_k"):
-        if getattr(args, flag, 1) < 1:
-            print(f"error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
+    """Run one command; returns the exit status: 0 done, 1 the server, a file or the input said no."""
     try:
         with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
             return COMMANDS[args.command](client, args)
@@ -314,7 +329,11 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+def run_cli(argv: list[str] | None = None) -> None:
+    """`python -m serving.client ...`: exit 0 done, 1 runtime failure, 2 usage error, 130 interrupted."""
+    sys.exit(main(parse_args(argv)))
