@@ -3,10 +3,11 @@
 ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig and ModelInfer over the
 models the server loaded (by repository name). Thin like serving.servicer: validate → runner (dynamic
 batching) → response; errors are serving.errors types mapped to statuses by serving.interceptors.
-Input `image` UINT8 [N, 1, 28, 28] in raw_input_contents (read in place with np.frombuffer) or typed
-uint_contents; outputs `logits` FP32 [N, C] and `embedding` FP32 [N, D] in raw_output_contents, all of them
-or the requested subset, in the requested order. N may exceed the batcher's max_batch_size (the request is
-split) but not --max-images-per-request (RESOURCE_EXHAUSTED).
+Input `image` (the manifest's input name) UINT8 [N, 1, 28, 28] in raw_input_contents (read in place with
+np.frombuffer) or typed uint_contents; outputs `logits` FP32 [N, C] and `embedding` FP32 [N, D] in
+raw_output_contents, all of them or the requested subset, in the requested order (names and order:
+serving.repository_format). N may exceed the batcher's max_batch_size (the request is split) but not
+--max-images-per-request (RESOURCE_EXHAUSTED).
 Triton's answers: an unknown model is ready=false on ModelReady and NOT_FOUND "Request for unknown model:
 '<name>' is not found" on metadata/config/infer; a model still loading (server not ready) → UNAVAILABLE;
 a full queue → UNAVAILABLE "Exceeds maximum queue size"; bad shape, datatype or byte count → INVALID_ARGUMENT.
@@ -23,8 +24,9 @@ from serving._proto.inference import grpc_service_pb2 as pb
 from serving._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from serving._proto.inference import model_config_pb2 as mc
 from serving.errors import InvalidInput, LimitExceeded, NotFound, NotReady
-from serving.model_config import PLATFORMS, effective_config
+from serving.model_config import effective_config
 from serving.repository import Manifest, ModelEntry
+from serving.repository_format import IMAGE_DIMS, INPUT_DATATYPE, OUTPUT_DATATYPE, OUTPUTS
 from serving.runner import ModelRunner
 
 __all__ = ["KServeServicer", "SERVICE_NAME", "SERVER_NAME", "INFER_METHOD"]
@@ -32,9 +34,7 @@ __all__ = ["KServeServicer", "SERVICE_NAME", "SERVER_NAME", "INFER_METHOD"]
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 INFER_METHOD = f"/{SERVICE_NAME}/ModelInfer"
 SERVER_NAME = "lsoftmax-serve"
-INPUT_SHAPE = (1, 28, 28)
-PIXELS = 28 * 28
-OUTPUTS = ("logits", "embedding")  # the runner's output order
+PIXELS = IMAGE_DIMS[-2] * IMAGE_DIMS[-1]
 
 
 def _version() -> str:
@@ -86,10 +86,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         runner = self._runner(request.name, request.version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=runner.name, versions=[runner.version], platform=PLATFORMS[runner.entry.kind],
-            inputs=[tensor(name=self._input, datatype="UINT8", shape=[-1, *INPUT_SHAPE])],
-            outputs=[tensor(name="logits", datatype="FP32", shape=[-1, self._manifest.num_classes]),
-                     tensor(name="embedding", datatype="FP32", shape=[-1, self._manifest.embedding_dim])],
+            name=runner.name, versions=[runner.version], platform=runner.entry.format.platform,
+            inputs=[tensor(name=self._input, datatype=INPUT_DATATYPE, shape=[-1, *IMAGE_DIMS])],
+            outputs=[tensor(name=name, datatype=OUTPUT_DATATYPE, shape=[-1, size]) for name, size in
+                     zip(OUTPUTS, (self._manifest.num_classes, self._manifest.embedding_dim))],
         )
 
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
@@ -109,13 +109,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             got = ", ".join(repr(i.name) for i in inputs) or "none"
             raise InvalidInput(f"expected 1 input named '{name}', got {got}")
         tensor = inputs[0]
-        if tensor.datatype != "UINT8":
+        if tensor.datatype != INPUT_DATATYPE:
             raise InvalidInput(f"inference input '{name}' data-type is '{tensor.datatype}', but model "
-                               f"'{request.model_name}' expects 'UINT8'")
+                               f"'{request.model_name}' expects '{INPUT_DATATYPE}'")
         shape = tuple(tensor.shape)
-        if len(shape) != 4 or shape[1:] != INPUT_SHAPE or shape[0] < 1:
+        if len(shape) != 1 + len(IMAGE_DIMS) or shape[1:] != IMAGE_DIMS or shape[0] < 1:
             raise InvalidInput(f"unexpected shape for input '{name}' for model '{request.model_name}'. "
-                               f"Expected [-1,1,28,28], got {list(shape)}")
+                               f"Expected [{','.join(map(str, (-1, *IMAGE_DIMS)))}], got {list(shape)}")
         n = shape[0]
         if n > self._max_images:
             raise LimitExceeded(f"batch of {n} images; this server accepts at most {self._max_images} "
@@ -143,7 +143,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _wanted(request: pb.ModelInferRequest, model: str) -> tuple[int, ...]:
         """Indices into OUTPUTS of the requested outputs, in the requested order (all when none are named)."""
         if not request.outputs:
-            return (0, 1)
+            return tuple(range(len(OUTPUTS)))
         wanted = []
         for output in request.outputs:
             if output.name not in OUTPUTS:
@@ -160,7 +160,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         outputs, contents = [], []
         for index in wanted:
             array = arrays[index]
-            outputs.append(tensor(name=OUTPUTS[index], datatype="FP32", shape=array.shape))
+            outputs.append(tensor(name=OUTPUTS[index], datatype=OUTPUT_DATATYPE, shape=array.shape))
             contents.append(array.astype("<f4", copy=False).tobytes())
         return pb.ModelInferResponse(model_name=runner.name, model_version=runner.version, id=request.id,
                                      outputs=outputs, raw_output_contents=contents)

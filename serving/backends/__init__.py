@@ -1,6 +1,7 @@
 """Model backends (TorchScript, ONNX Runtime) behind one interface, and `load_backend` to pick one.
 
-    backend = load_backend("onnx", "REPO/lsoftmax_mnist_onnx/1/model.onnx", requested_device="auto")
+    backend = load_backend("onnx", "REPO/lsoftmax_mnist_onnx/1/model.onnx", requested_device="auto",
+                           input_name=manifest.input_name)
     logits, embedding = backend.infer(uint8_images)   # [N,1,28,28] → [N,10], [N,D]
 """
 
@@ -10,22 +11,26 @@ from pathlib import Path
 
 from serving.backends.base import DEVICES, Backend, cuda_available, resolve_device
 from serving.errors import StartupError
+from serving.repository_format import FORMATS, INPUT, format_named
 
 __all__ = ["Backend", "BACKENDS", "DEVICES", "cuda_available", "load_backend", "resolve_device"]
 
-# CLI name → the backend string Triton's config.pbtxt and our manifest use.
-BACKENDS = {"onnx": "onnxruntime", "torchscript": "pytorch"}
+# CLI name → the backend string Triton's config.pbtxt and our manifest use (serving.repository_format's table).
+BACKENDS = {f.kind: f.backend for f in FORMATS}
 
 
-def load_backend(kind: str, path: str | Path, requested_device: str = "auto") -> Backend:
-    """kind: "onnx" or "torchscript" (or the manifest's "onnxruntime" / "pytorch")."""
+def load_backend(kind: str, path: str | Path, requested_device: str = "auto", input_name: str = INPUT) -> Backend:
+    """kind: "onnx" or "torchscript" (or the manifest's "onnxruntime" / "pytorch"); input_name: the graph input
+    the images are fed to (the manifest's input.name; TorchScript's forward takes them by position)."""
     device = resolve_device(requested_device)
-    if kind in ("onnx", "onnxruntime"):
+    try:
+        kind = format_named(kind).kind
+    except KeyError:
+        raise StartupError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}") from None
+    if kind == "onnx":
         from serving.backends.ort import OrtBackend
 
-        return OrtBackend(path, device, strict=requested_device == "cuda")
-    if kind in ("torchscript", "pytorch"):
-        from serving.backends.torchscript import TorchScriptBackend
+        return OrtBackend(path, device, strict=requested_device == "cuda", input_name=input_name)
+    from serving.backends.torchscript import TorchScriptBackend  # the table's other format
 
-        return TorchScriptBackend(path, device)
-    raise StartupError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
+    return TorchScriptBackend(path, device)

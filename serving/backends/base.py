@@ -12,6 +12,7 @@ import abc
 import numpy as np
 
 from serving.errors import StartupError
+from serving.repository_format import IMAGE_DIMS
 
 __all__ = ["Backend", "resolve_device", "cuda_available", "DEVICES"]
 
@@ -57,7 +58,7 @@ class Backend(abc.ABC):
         classes = dim = -1
         for n in batch_sizes:
             for _ in range(repeats):
-                logits, embedding = self.infer(np.zeros((n, 1, 28, 28), np.uint8))
+                logits, embedding = self.infer(np.zeros((n, *IMAGE_DIMS), np.uint8))
             if logits.ndim != 2 or embedding.ndim != 2 or logits.shape[0] != n or embedding.shape[0] != n:
                 raise StartupError(f"{self.kind} model returned logits {tuple(logits.shape)} and embedding "
                                    f"{tuple(embedding.shape)} for a batch of {n}; expected [N, C] and [N, D]")

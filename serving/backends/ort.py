@@ -15,6 +15,7 @@ import numpy as np
 from serving.backends.base import Backend
 from serving.errors import StartupError
 from serving.logs import log_event
+from serving.repository_format import BY_KIND, INPUT, OUTPUTS
 
 __all__ = ["OrtBackend"]
 
@@ -24,12 +25,12 @@ CPU_PROVIDER = "CPUExecutionProvider"
 
 
 class OrtBackend(Backend):
-    kind = "onnxruntime"
+    kind = BY_KIND["onnx"].backend  # "onnxruntime", as GetModelInfo reports it
 
     def __init__(self, path: str | Path, device: str = "cpu", strict: bool = False,
-                 input_name: str = "image", output_names: tuple[str, str] = ("logits", "embedding")) -> None:
+                 input_name: str = INPUT, output_names: tuple[str, str] = OUTPUTS) -> None:
         """device: "cuda" or "cpu" as resolved; strict: fail (instead of falling back to CPU) when CUDA
-        was asked for explicitly but ONNX Runtime cannot use it."""
+        was asked for explicitly but ONNX Runtime cannot use it; input_name: the manifest's input.name."""
         import onnxruntime as ort
 
         wanted = [CPU_PROVIDER]

@@ -14,12 +14,13 @@ import numpy as np
 
 from serving.backends.base import Backend
 from serving.errors import StartupError
+from serving.repository_format import BY_KIND
 
 __all__ = ["TorchScriptBackend"]
 
 
 class TorchScriptBackend(Backend):
-    kind = "torchscript"
+    kind = BY_KIND["torchscript"].kind  # "torchscript", as GetModelInfo reports it
 
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
         import torch

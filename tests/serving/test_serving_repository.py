@@ -1,11 +1,16 @@
 """Reading the model repository (serving.repository): model selection, sha256 verification, and a clear
-StartupError (never a KeyError) for each defect of manifest.json. In-process; the subprocess startup
-failures are in test_serving_lifecycle.py. Run: .venv/bin/python -m pytest tests/serving/test_serving_repository.py -q"""
+StartupError (never a KeyError) for each defect of manifest.json; the format's one owner (the backend table,
+manifest.json and config.pbtxt written by export and read back the same). In-process, but for the server's
+config.pbtxt reader (its stubs clash with tritonclient's); the subprocess startup failures are in
+test_serving_lifecycle.py. Run: .venv/bin/python -m pytest tests/serving/test_serving_repository.py -q"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -70,6 +75,8 @@ def test_sha256_mismatch_is_refused(repo_copy):
     (lambda m: m["models"]["lsoftmax_mnist_onnx"].update(file="lsoftmax_mnist_onnx/1/gone.onnx"), "does not exist"),
     (lambda m: m["input"].update(datatype="FP32"), "input.datatype"),
     (lambda m: m.update(models={}), "models: empty"),
+    (lambda m: m["outputs"][0].pop("name"), "outputs[0].name: missing"),
+    (lambda m: m["input"].update(shape=[-1, "28"]), "input.shape: expected a list of integers"),
 ])
 def test_manifest_defects_are_clear_errors(repo_copy, edit, message):
     _edit_manifest(repo_copy, edit)
@@ -87,3 +94,98 @@ def test_missing_or_unreadable_manifest(repo_copy, tmp_path):
         read_manifest(repo_copy)
     with pytest.raises(StartupError, match="does not exist"):
         read_manifest(tmp_path / "nowhere")
+
+
+def test_backend_table_is_the_one_mapping():
+    """serving.repository_format.FORMATS: our kind ↔ Triton backend / platform ↔ file ↔ model directory."""
+    from serving.backends import BACKENDS
+    from serving.repository_format import BY_BACKEND, BY_KIND, FORMATS, format_named
+
+    assert [(f.kind, f.backend, f.platform, f.filename, f.directory) for f in FORMATS] == [
+        ("onnx", "onnxruntime", "onnxruntime_onnx", "model.onnx", "lsoftmax_mnist_onnx"),
+        ("torchscript", "pytorch", "pytorch_libtorch", "model.pt", "lsoftmax_mnist_torchscript")]
+    assert BACKENDS == {"onnx": "onnxruntime", "torchscript": "pytorch"}  # the server's --backend choices
+    assert BY_KIND["onnx"].file() == "lsoftmax_mnist_onnx/1/model.onnx"
+    assert format_named("pytorch") is format_named("torchscript") is BY_BACKEND["pytorch"]
+    with pytest.raises(KeyError, match="tensorflow"):
+        format_named("tensorflow")
+
+
+def test_exported_manifest_round_trips_through_the_typed_structure(model_repository):
+    """What export wrote is what RepositoryManifest reads, and writing it again gives the same bytes."""
+    from serving.repository_format import FORMATS, INPUT, OUTPUTS
+    from serving.repository_manifest import RepositoryManifest, load_manifest
+
+    text = (model_repository / "manifest.json").read_text()
+    spec = load_manifest(model_repository / "manifest.json")
+    assert spec.to_dict() == json.loads(text)
+    assert json.dumps(spec.to_dict(), indent=2) + "\n" == text
+    assert RepositoryManifest.from_dict(spec.to_dict()) == spec == read_manifest(model_repository).spec
+    assert spec.input.name == INPUT and [o.name for o in spec.outputs] == list(OUTPUTS)
+    assert {name: (m.backend, m.file) for name, m in spec.models.items()} == {
+        f.directory: (f.backend, f.file()) for f in FORMATS}
+    assert set(spec.records) == {"onnx", "parity", "source_checkpoint", "exporter"}
+
+
+def test_exported_config_pbtxt_round_trips_through_model_config(model_repository):
+    """Each config.pbtxt parses back (inference.ModelConfig, text format) to the message the builder makes."""
+    from serving.repository_config import model_config, read_config
+    from serving.repository_format import BY_KIND
+
+    manifest = read_manifest(model_repository)
+    for entry in manifest.models.values():
+        config = read_config(model_repository / entry.name / "config.pbtxt")
+        expected = model_config(BY_KIND[entry.kind], manifest.max_batch_size, manifest.num_classes,
+                                manifest.embedding_dim)
+        assert config == expected
+        assert (config.name, config.backend, config.max_batch_size) == (entry.name, entry.backend, 256)
+        assert [(i.name, list(i.dims)) for i in config.input] == [(manifest.input_name, [1, 28, 28])]
+        assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [10]), ("embedding", [128])]
+        assert list(config.dynamic_batching.preferred_batch_size) == [8, 32, 64]
+
+
+def test_optional_keys_may_be_null(repo_copy):
+    """export records test_accuracy as null when the checkpoint has none; the reader takes it as unknown."""
+    _edit_manifest(repo_copy, lambda m: m.update(test_accuracy=None, margin=None))
+    manifest = read_manifest(repo_copy)
+    assert manifest.test_accuracy is None and manifest.margin == 0
+    assert manifest.spec.to_dict()["test_accuracy"] is None and "margin" not in manifest.spec.to_dict()
+
+
+def test_the_backend_feeds_the_manifests_input_name(model_repository):
+    """load_backend checks the graph against the input name it is given (the manifest's), not a literal."""
+    from serving.backends import load_backend
+
+    entry = read_manifest(model_repository).select(backend="onnx")
+    with pytest.raises(StartupError, match="expected one input 'pixels'"):
+        load_backend(entry.kind, entry.path, "cpu", input_name="pixels")
+    load_backend(entry.backend, entry.path, "cpu", input_name="image").close()
+
+
+def test_server_reads_config_pbtxt_or_derives_it(repo_copy, helpers):
+    """serving.model_config (the server's reader, stub messages: run in a subprocess) parses config.pbtxt through
+    serving.repository_config, derives the interface when there is none, and names the file when it is broken."""
+    (repo_copy / "lsoftmax_mnist_onnx" / "config.pbtxt").unlink()
+    (repo_copy / "lsoftmax_mnist_torchscript" / "config.pbtxt").write_text("name: [unclosed\n")
+    code = textwrap.dedent(f"""
+        from serving.batching import BatchingConfig
+        from serving.errors import StartupError
+        from serving.model_config import effective_config, read_model_config
+        from serving.repository import read_manifest
+        manifest = read_manifest({str(repo_copy)!r})
+        onnx = manifest.models["lsoftmax_mnist_onnx"]
+        config = read_model_config(onnx, manifest)
+        assert (config.name, config.backend, config.max_batch_size) == (onnx.name, "onnxruntime", 256), config
+        assert [i.name for i in config.input] == ["image"] and [o.name for o in config.output] == ["logits", "embedding"]
+        assert not config.HasField("dynamic_batching") and not config.instance_group
+        batching = BatchingConfig(max_batch_size=64, max_queue_delay_us=100, max_queue_size=10, enabled=True)
+        effective = effective_config(config, onnx, "cpu", batching)
+        assert (effective.platform, effective.default_model_filename) == ("onnxruntime_onnx", "model.onnx")
+        try:
+            read_model_config(manifest.models["lsoftmax_mnist_torchscript"], manifest)
+        except StartupError as exc:
+            assert "config.pbtxt: not a readable Triton model configuration" in str(exc), exc
+        else:
+            raise AssertionError("a broken config.pbtxt was accepted")
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=helpers.PROJECT_ROOT)

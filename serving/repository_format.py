@@ -1,0 +1,72 @@
+"""The model repository's vocabulary, owned here once: tensor names, the backend table, file names, format ids.
+
+    from serving.repository_format import INPUT, OUTPUTS, FORMATS, BY_KIND, format_named
+    fmt = format_named("onnx")          # or the manifest's "onnxruntime"
+    fmt.backend, fmt.platform           # "onnxruntime", "onnxruntime_onnx" (Triton's names)
+    fmt.directory, fmt.file()           # "lsoftmax_mnist_onnx", "lsoftmax_mnist_onnx/1/model.onnx"
+
+Every graph of a repository takes INPUT (UINT8 [N, *IMAGE_DIMS]) and returns OUTPUTS (FP32 [N, C] and
+[N, D]) in that order. Writers (`python -m export`, bench/loadgen.py tiny-repo) and the server's reader
+(serving.repository, serving.repository_manifest, serving.repository_config) all take these from here.
+Standard library only: export, bench and the tests import it beside tritonclient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["INPUT", "OUTPUT_LOGITS", "OUTPUT_EMBEDDING", "OUTPUTS", "INPUT_DATATYPE", "OUTPUT_DATATYPE",
+           "IMAGE_DIMS", "MODEL_PREFIX", "DEFAULT_VERSION", "MANIFEST_FILE", "CONFIG_FILE", "MANIFEST_FORMAT",
+           "MANIFEST_VERSION", "ModelFormat", "FORMATS", "BY_KIND", "BY_BACKEND", "format_named"]
+
+# Tensors (ONNX graph names, KServe tensor names, config.pbtxt input/output names).
+INPUT = "image"
+OUTPUT_LOGITS = "logits"
+OUTPUT_EMBEDDING = "embedding"
+OUTPUTS = (OUTPUT_LOGITS, OUTPUT_EMBEDDING)  # the order every graph and backend returns them in
+INPUT_DATATYPE = "UINT8"  # KServe datatype names; config.pbtxt says TYPE_UINT8 / TYPE_FP32
+OUTPUT_DATATYPE = "FP32"
+IMAGE_DIMS = (1, 28, 28)  # one image, without the batch axis
+
+# Layout: REPO/MANIFEST_FILE, REPO/<directory>/CONFIG_FILE, REPO/<directory>/<version>/<filename>.
+MODEL_PREFIX = "lsoftmax_mnist"
+DEFAULT_VERSION = "1"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.pbtxt"
+MANIFEST_FORMAT = "lsoftmax-serve/model-repository"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    """One graph format: our name for it and Triton's, and where a repository keeps it."""
+
+    kind: str  # ours: --backend, bench --backends, parity reports
+    backend: str  # Triton's backend: config.pbtxt `backend`, manifest.json models.<name>.backend
+    platform: str  # Triton's platform: KServe ModelMetadata / ModelConfig answers
+    filename: str  # the model file inside a version folder
+
+    @property
+    def directory(self) -> str:
+        """The model's folder, which is also its model name (KServe, --model)."""
+        return f"{MODEL_PREFIX}_{self.kind}"
+
+    def file(self, version: str = DEFAULT_VERSION) -> str:
+        """The model file relative to the repository root, as manifest.json records it."""
+        return f"{self.directory}/{version}/{self.filename}"
+
+
+FORMATS = (
+    ModelFormat(kind="onnx", backend="onnxruntime", platform="onnxruntime_onnx", filename="model.onnx"),
+    ModelFormat(kind="torchscript", backend="pytorch", platform="pytorch_libtorch", filename="model.pt"),
+)
+BY_KIND = {f.kind: f for f in FORMATS}
+BY_BACKEND = {f.backend: f for f in FORMATS}
+
+
+def format_named(name: str) -> ModelFormat:
+    """The format by our kind ("onnx") or Triton's backend ("onnxruntime"); KeyError naming both sets."""
+    found = BY_KIND.get(name) or BY_BACKEND.get(name)
+    if found is None:
+        raise KeyError(f"unknown backend {name!r}; expected one of {', '.join([*BY_KIND, *BY_BACKEND])}")
+    return found
