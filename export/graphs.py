@@ -1,7 +1,7 @@
 """Write and reload the two graph formats: TorchScript (model.pt) and ONNX (model.onnx).
 
 Both take `image` UINT8 [N, 1, 28, 28] and return `logits` FP32 [N, C] and `embedding` FP32 [N, D],
-with a dynamic batch axis.
+with a dynamic batch axis (the names are serving.repository_format's INPUT and OUTPUTS).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAMES", "write_torchscript", "write_onnx", "load_torchscript", "load_onnx_session",
-           "run_torchscript", "run_onnx", "FORBIDDEN_ONNX_OPS", "onnx_report"]
+from serving.repository_format import IMAGE_DIMS, INPUT, OUTPUTS
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "embedding")
+__all__ = ["write_torchscript", "write_onnx", "load_torchscript", "load_onnx_session", "run_torchscript", "run_onnx",
+           "FORBIDDEN_ONNX_OPS", "onnx_report"]
+
 # Ops that would betray a margin left in the graph (acos / cos(m theta) / floor for k).
 FORBIDDEN_ONNX_OPS = frozenset({"Acos", "Cos", "Floor"})
 
@@ -29,13 +29,13 @@ def write_torchscript(module: torch.nn.Module, path: Path) -> None:
 
 
 def write_onnx(module: torch.nn.Module, path: Path, opset: int = 17) -> None:
-    example = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    example = torch.zeros(2, *IMAGE_DIMS, dtype=torch.uint8)
     batch = {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The TorchScript-based exporter (dynamo=False) gives a compact graph with a symbolic batch axis.
-        torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes={INPUT_NAME: batch, **{name: batch for name in OUTPUT_NAMES}},
+        torch.onnx.export(module, (example,), str(path), input_names=[INPUT], output_names=list(OUTPUTS),
+                          dynamic_axes={INPUT: batch, **{name: batch for name in OUTPUTS}},
                           opset_version=opset, do_constant_folding=True, dynamo=False)
 
 
@@ -60,7 +60,7 @@ def run_torchscript(module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarra
 
 
 def run_onnx(session, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    logits, embedding = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.numpy()})
+    logits, embedding = session.run(list(OUTPUTS), {INPUT: images.numpy()})
     return logits, embedding
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from export.graphs import run_onnx, run_torchscript
+from serving.repository_format import OUTPUTS
 from training.data import normalize
 
 __all__ = ["ParityError", "ParityReport", "check_parity", "parity_problems", "TOLERANCE"]
@@ -65,11 +66,10 @@ def _scale(values: np.ndarray) -> float:
 
 
 def _compare(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Per output (by its tensor name): max abs difference and the reference's scale; top-1 agreement."""
     return {
-        "logits": float(np.abs(ref[0] - got[0]).max()),
-        "embedding": float(np.abs(ref[1] - got[1]).max()),
-        "logits_scale": _scale(ref[0]),
-        "embedding_scale": _scale(ref[1]),
+        **{name: float(np.abs(r - g).max()) for name, r, g in zip(OUTPUTS, ref, got)},
+        **{f"{name}_scale": _scale(r) for name, r in zip(OUTPUTS, ref)},
         "top1": 100.0 * float((ref[0].argmax(1) == got[0].argmax(1)).mean()),
     }
 
@@ -123,7 +123,7 @@ def parity_problems(report: ParityReport) -> list[str]:
     for name, per_runtime in report.batches.items():
         for rt, stats in per_runtime.items():
             bad = [f"{out} {stats[out]:.3g} > {report.tolerance} x {stats[out + '_scale']:.3g}"
-                   for out in ("logits", "embedding") if stats[out] > report.tolerance * stats[out + "_scale"]]
+                   for out in OUTPUTS if stats[out] > report.tolerance * stats[out + "_scale"]]
             if bad:
                 problems.append(f"{rt} at {name}: max diff " + ", ".join(bad))
     for rt, idx in report.disagreements.items():

@@ -140,6 +140,39 @@ def test_config_pbtxt_matches_graph(repo, model_dir, backend, graph):
     assert [list(logits.shape[1:]), list(emb.shape[1:])] == [list(o.dims) for o in cfg.output]
 
 
+@pytest.mark.parametrize("model_dir", [ONNX_DIR, TS_DIR])
+def test_config_pbtxt_is_written_through_model_config(repo, model_dir):
+    """config.pbtxt is serving.repository_config's ModelConfig message in text format (no template): it parses
+    strictly under Triton's full schema (tritonclient's) into exactly the message the builder makes."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from serving.repository_config import config_text, model_config
+    from serving.repository_format import BY_BACKEND
+
+    out, manifest, _ = repo
+    text = (out / model_dir / "config.pbtxt").read_text()
+    triton = text_format.Parse(text, model_config_pb2.ModelConfig())  # unknown fields would raise here
+    built = model_config(BY_BACKEND[manifest["models"][model_dir]["backend"]], manifest["max_batch_size"],
+                         manifest["num_classes"], manifest["embedding_dim"])
+    assert text == config_text(built)
+    assert triton == model_config_pb2.ModelConfig.FromString(built.SerializeToString())
+    assert triton.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
+    assert triton.dynamic_batching.max_queue_delay_microseconds == 200
+
+
+def test_private_model_config_schema_is_the_generated_stubs():
+    """repository_config builds ModelConfig from a private descriptor pool (tritonclient shares this process);
+    its schema is byte for byte the generated stub's. Checked in a subprocess, which may import the stub."""
+    code = (
+        "from serving._proto.inference import model_config_pb2 as mc\n"
+        "from serving.repository_config import message_type\n"
+        "private = message_type().DESCRIPTOR.file\n"
+        "assert private.serialized_pb == mc.DESCRIPTOR.serialized_pb and private.pool is not mc.DESCRIPTOR.pool\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
 def test_failed_export_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch):
     import export.repository as repository
     from export.verify import ParityError
