@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import subprocess
@@ -41,48 +40,55 @@ import numpy as np
 KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
 TYPED_CLASSIFY = "/lsoftmax.v1.DigitService/Classify"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+if str(PROJECT_ROOT) not in sys.path:  # run as a script: bench/ is on sys.path, the project root is not
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from serving.repository_format import (BY_KIND, IMAGE_DIMS, INPUT, INPUT_DATATYPE, OUTPUT_EMBEDDING,  # noqa: E402
+                                       OUTPUT_LOGITS)
 
 
 # ----------------------------------------------------------------------------------------------- tiny-repo
 
 
-def tiny_repo(out: Path, max_batch_size: int = 256) -> Path:
-    """A linear ONNX model with the exported graphs' interface, written as a model repository."""
-    import onnx
+def _tiny_graph(num_classes: int, embedding_dim: int):
+    """uint8 image → float → flatten → embedding (MatMul) → logits (MatMul), with the exported graphs' names."""
     from onnx import TensorProto, helper, numpy_helper
 
+    pixels = int(np.prod(IMAGE_DIMS))
     rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array((rng.standard_normal((784, 16)) / 784).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((16, 10)).astype(np.float32), "w2")
-    shape = numpy_helper.from_array(np.array([-1, 784], np.int64), "shape")
+    w1 = numpy_helper.from_array((rng.standard_normal((pixels, embedding_dim)) / pixels).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((embedding_dim, num_classes)).astype(np.float32), "w2")
+    shape = numpy_helper.from_array(np.array([-1, pixels], np.int64), "shape")
     graph = helper.make_graph(
-        [helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+        [helper.make_node("Cast", [INPUT], ["x"], to=TensorProto.FLOAT),
          helper.make_node("Reshape", ["x", "shape"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "w1"], ["embedding"]),
-         helper.make_node("MatMul", ["embedding", "w2"], ["logits"])],
-        "tiny", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
-         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 16])],
+         helper.make_node("MatMul", ["flat", "w1"], [OUTPUT_EMBEDDING]),
+         helper.make_node("MatMul", [OUTPUT_EMBEDDING, "w2"], [OUTPUT_LOGITS])],
+        "tiny", [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["N", *IMAGE_DIMS])],
+        [helper.make_tensor_value_info(OUTPUT_LOGITS, TensorProto.FLOAT, ["N", num_classes]),
+         helper.make_tensor_value_info(OUTPUT_EMBEDDING, TensorProto.FLOAT, ["N", embedding_dim])],
         initializer=[w1, w2, shape])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    name = "lsoftmax_mnist_onnx"
-    path = out / name / "1" / "model.onnx"
+    return model
+
+
+def tiny_repo(out: Path, max_batch_size: int = 256) -> Path:
+    """A linear ONNX model with the exported graphs' interface, written as a model repository."""
+    import onnx
+
+    from serving.repository import file_sha256
+    from serving.repository_config import model_config, write_config
+    from serving.repository_manifest import ModelSpec, RepositoryManifest, write_manifest
+
+    num_classes, embedding_dim, fmt = 10, 16, BY_KIND["onnx"]
+    path = out / fmt.file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    (out / name / "config.pbtxt").write_text(
-        f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch_size}\n'
-        'input [ { name: "image" data_type: TYPE_UINT8 dims: [ 1, 28, 28 ] } ]\n'
-        'output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] }, '
-        '{ name: "embedding" data_type: TYPE_FP32 dims: [ 16 ] } ]\n')
-    manifest = {
-        "format": "lsoftmax-serve/model-repository", "format_version": 1, "net": "tiny-linear", "margin": 1,
-        "num_classes": 10, "embedding_dim": 16, "max_batch_size": max_batch_size,
-        "input": {"name": "image", "datatype": "UINT8", "shape": [-1, 1, 28, 28]},
-        "models": {name: {"backend": "onnxruntime", "file": f"{name}/1/model.onnx",
-                          "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    onnx.save(_tiny_graph(num_classes, embedding_dim), str(path))
+    write_config(out / fmt.directory, model_config(fmt, max_batch_size, num_classes, embedding_dim, scheduling=False))
+    write_manifest(out, RepositoryManifest(
+        net="tiny-linear", margin=1, num_classes=num_classes, embedding_dim=embedding_dim,
+        max_batch_size=max_batch_size, models={fmt.directory: ModelSpec.of(fmt, file_sha256(path))}))
     return out
 
 
@@ -94,7 +100,7 @@ def _images(seed: int, count: int, batch: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        x = rng.integers(0, 40, (batch, 1, 28, 28)).astype(np.uint8)
+        x = rng.integers(0, 40, (batch, *IMAGE_DIMS)).astype(np.uint8)
         for i in range(batch):
             r, c = divmod(int(rng.integers(0, 10)), 4)
             x[i, 0, 2 + 7 * r:8 + 7 * r, 2 + 7 * c:8 + 7 * c] = 255
@@ -113,13 +119,13 @@ class KServe:
 
     def request(self, images: np.ndarray) -> bytes:
         request = self.pb.ModelInferRequest(model_name=self.model)
-        request.inputs.add(name="image", datatype="UINT8", shape=list(images.shape))
+        request.inputs.add(name=INPUT, datatype=INPUT_DATATYPE, shape=list(images.shape))
         request.raw_input_contents.append(images.tobytes())
         return request.SerializeToString()
 
     def answer(self, data: bytes) -> np.ndarray:
         response = self.pb.ModelInferResponse.FromString(data)
-        index = [o.name for o in response.outputs].index("logits")
+        index = [o.name for o in response.outputs].index(OUTPUT_LOGITS)
         shape = tuple(response.outputs[index].shape)
         return np.frombuffer(response.raw_output_contents[index], "<f4").reshape(shape)
 
@@ -128,7 +134,6 @@ class Typed:
     method = TYPED_CLASSIFY
 
     def __init__(self, model: str) -> None:
-        sys.path.insert(0, str(PROJECT_ROOT))
         from serving._proto.lsoftmax.v1 import digit_service_pb2
 
         self.pb = digit_service_pb2
@@ -268,10 +273,10 @@ def _tritonclient_process(args, raw_inputs, count: int) -> Tally:
         rng = np.random.default_rng(seed)
         tensors = []
         for x in raw_inputs:
-            tensor = tc.InferInput("image", list(x.shape), "UINT8")
+            tensor = tc.InferInput(INPUT, list(x.shape), INPUT_DATATYPE)
             tensor.set_data_from_numpy(x)
             tensors.append(tensor)
-        expected = [client.infer(args.model, [t], headers=headers).as_numpy("logits") for t in tensors] \
+        expected = [client.infer(args.model, [t], headers=headers).as_numpy(OUTPUT_LOGITS) for t in tensors] \
             if args.check else None
         if window:
             time.sleep(max(0.0, args.start_at - time.time()))
@@ -295,7 +300,7 @@ def _tritonclient_process(args, raw_inputs, count: int) -> Tally:
                 continue
             end = time.perf_counter()
             if window is None or window[0] <= time.time() < window[1]:
-                wrong = expected is not None and not _same(result.as_numpy("logits"), expected[k])
+                wrong = expected is not None and not _same(result.as_numpy(OUTPUT_LOGITS), expected[k])
                 with lock:
                     tally.requests += 1
                     tally.latencies.append((end - start) * 1e3)
@@ -378,7 +383,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True)
     p.add_argument("--api", choices=("kserve", "typed"), default="kserve")
     p.add_argument("--client", choices=("aio", "tritonclient"), default="aio")
-    p.add_argument("--model", default="lsoftmax_mnist_onnx")
+    p.add_argument("--model", default=BY_KIND["onnx"].directory)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--batch", type=int, default=1, help="images per request")

@@ -31,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.repository_format import BY_KIND, IMAGE_DIMS, INPUT, MANIFEST_FILE, OUTPUTS
+
 LOADGEN = Path(__file__).with_name("loadgen.py")
 ROOT = Path(__file__).resolve().parents[1]
-BACKEND_MODELS = {"onnx": "lsoftmax_mnist_onnx", "torchscript": "lsoftmax_mnist_torchscript"}
+BACKEND_MODELS = {kind: fmt.directory for kind, fmt in BY_KIND.items()}  # --backends name → model name
 PERF_ANALYZER_COLUMNS = ["Concurrency", "Inferences/Second", "Client Send", "Network+Server Send/Recv",
                          "Server Queue", "Server Compute Input", "Server Compute Infer", "Server Compute Output",
                          "Client Recv", "p50 latency", "p90 latency", "p95 latency", "p99 latency", "Avg latency"]
@@ -54,19 +56,18 @@ class InProcess:
     """The repository's graph called directly: what a server could do at best on this machine."""
 
     def __init__(self, repo: Path, backend: str, device: str) -> None:
-        model = BACKEND_MODELS[backend]
+        path = repo / BY_KIND[backend].file()
         if backend == "onnx":
             import onnxruntime as ort
 
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), options,
-                                           providers=["CPUExecutionProvider"])
-            self.run = lambda x: session.run(["logits", "embedding"], {"image": x})
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.run = lambda x: session.run(list(OUTPUTS), {INPUT: x})
         else:
             import torch
 
-            module = torch.jit.load(str(repo / model / "1" / "model.pt"), map_location=device).eval()
+            module = torch.jit.load(str(path), map_location=device).eval()
             dev = torch.device(device)
 
             def run(x):
@@ -78,7 +79,7 @@ class InProcess:
 
     def measure(self, batch: int, seconds: float = 1.5) -> tuple[float, float]:
         """(images/s, median latency µs) at a fixed batch size."""
-        x = np.random.default_rng(0).integers(0, 256, (batch, 1, 28, 28), dtype=np.uint8)
+        x = np.random.default_rng(0).integers(0, 256, (batch, *IMAGE_DIMS), dtype=np.uint8)
         for _ in range(5):
             self.run(x)
         times = []
@@ -277,7 +278,7 @@ def main(argv=None) -> int:
     unknown = set(args.backends) - set(BACKEND_MODELS)
     if unknown or not set(args.apis) <= {"kserve", "typed"}:
         p.error(f"unknown backend or API: {sorted(unknown | (set(args.apis) - {'kserve', 'typed'}))}")
-    if not (Path(args.model_repository) / "manifest.json").is_file():
+    if not (Path(args.model_repository) / MANIFEST_FILE).is_file():
         p.error(f"{args.model_repository} is not a model repository (run python -m export first)")
     rows = sweep(args)
     write_csv(rows, Path(args.output))

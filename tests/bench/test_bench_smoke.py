@@ -60,6 +60,30 @@ def test_serve_bench_runs(tmp_path):
     assert rows[0]["errors"] == "{}"
 
 
+def test_tiny_repo_is_written_through_the_repository_format(tmp_path):
+    """bench/loadgen.py tiny-repo writes its manifest and config.pbtxt with serving's format owner: the server's
+    reader takes them, and the config is the builder's message (the interface, no scheduling)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from serving.repository import read_manifest, verify_sha256
+    from serving.repository_config import model_config, read_config
+    from serving.repository_format import BY_KIND
+
+    root = Path(__file__).resolve().parents[2]
+    repo = tmp_path / "repo"
+    subprocess.run([sys.executable, str(root / "bench" / "loadgen.py"), "tiny-repo", str(repo), "--max-batch-size",
+                    "32"], check=True, capture_output=True)
+    manifest = read_manifest(repo)
+    (entry,) = manifest.models.values()
+    verify_sha256(entry)
+    assert (entry.name, entry.kind, manifest.net, manifest.embedding_dim) == ("lsoftmax_mnist_onnx", "onnx",
+                                                                              "tiny-linear", 16)
+    assert read_config(repo / entry.name / "config.pbtxt") == model_config(BY_KIND["onnx"], 32, 10, 16,
+                                                                           scheduling=False)
+
+
 def run_gpu_script(tmp_path, data_root, **settings):
     """bench/gpu.sh on this CPU at toy size (DEVICE=cpu SMOKE=1), everything under tmp_path."""
     import os
