@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from training.devices import pick_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -22,12 +24,7 @@ class DistEnv:
     local_rank: int = 0
 
     def device(self, choice: str) -> torch.device:
-        if choice != "cpu" and torch.cuda.is_available():
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
-        if choice == "cuda":
-            raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
-        return torch.device("cpu")
+        return pick_device(choice, self.local_rank)
 
 
 def setup(device_choice: str = "auto") -> DistEnv:

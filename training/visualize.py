@@ -99,11 +99,11 @@ def _plot_embeddings_file(path: Path, out: str | None) -> int:
         sidecar = json.loads(path.with_suffix(".json").read_text())
     except (OSError, ValueError) as exc:
         print(f"error: {path}: cannot read embeddings and their .json sidecar ({exc})", file=sys.stderr)
-        return 2
+        return 1
     labels = sidecar.get("labels")
     if labels is None or len(labels) != len(features) or any(label is None for label in labels):
         print(f"error: {path.with_suffix('.json')}: no label for every embedding", file=sys.stderr)
-        return 2
+        return 1
     target = Path(out) if out else path.with_suffix(".png")
     model = sidecar.get("model") or {}
     plot_features(features, np.asarray(labels, dtype=np.int64), target,
@@ -133,9 +133,9 @@ def main(argv=None) -> int:
         cfg = ckpt["config"]
         out = Path(args.out) if args.out else Path(args.checkpoint).with_name("features.png")
         plot_checkpoint_features(model, images, labels, out, title=f"{cfg['model']} m={cfg['margin']}: test features")
-    except (CheckpointError, DataError, OSError, ValueError) as exc:
+    except (CheckpointError, DataError, OSError, ValueError) as exc:  # a runtime failure (2 is for usage)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     print(f"wrote {out}")
     return 0
 
