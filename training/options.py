@@ -7,7 +7,7 @@ import argparse
 from training.models import MODEL_NAMES
 
 __all__ = ["RECIPES", "PAPER_ITERATIONS", "CAFFE_GAMMA", "MOMENTUM_SWING", "RUNTIME_FLAGS", "positive_int",
-           "non_negative_int", "get_args_parser", "explicit_flags", "resolve_args"]
+           "non_negative_int", "val_size", "resolve_val_size", "AUTO_VAL_SIZE", "AUTO_VAL_MIN_TRAIN", "get_args_parser", "explicit_flags", "resolve_args"]
 
 # Per-net recipes. `paper` is the authors' MNIST solver: lr 0.1 / 10 at 12k and 15k iterations, stop at 18k
 # (77 epochs of 235 iterations at batch 256). The others are sized for a 2-core CPU.
@@ -40,6 +40,22 @@ def non_negative_int(text: str) -> int:
     if value is None or value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
+
+
+AUTO_VAL_SIZE = 5000  # 1/12 of MNIST's 60,000 training images: images 55000..59999 (the end of its "valid" part)
+AUTO_VAL_MIN_TRAIN = 20000  # smaller training sets (synthetic test data, custom roots) hold nothing out by default
+
+
+def val_size(text: str) -> int | str:
+    """--val-size: "auto" or an integer >= 0."""
+    return "auto" if text == "auto" else non_negative_int(text)
+
+
+def resolve_val_size(value: int | str | None, train_count: int) -> int:
+    """The number of training images to hold out, for a training set of train_count images."""
+    if value in ("auto", None):
+        return AUTO_VAL_SIZE if train_count >= AUTO_VAL_MIN_TRAIN else 0
+    return int(value)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,8 +92,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train on the first N training images only (0 = all)")
     p.add_argument("--test-subset", type=non_negative_int, default=0,
                    help="evaluate on the first N test images only (0 = all)")
-    p.add_argument("--val-size", type=non_negative_int, default=0,
-                   help="hold out the last N training images to pick best.pt (0 = best.pt is the final epoch)")
+    p.add_argument("--val-size", type=val_size, default="auto",
+                   help="hold out the last N training images (never trained on): best.pt is picked on them and "
+                        "export fits calibration and the open-set threshold on them; 0 = none (best.pt is the final "
+                        f"epoch); auto = {AUTO_VAL_SIZE} when the training set has at least {AUTO_VAL_MIN_TRAIN} "
+                        "images (MNIST's 60,000), else none")
     p.add_argument("--eval-batch-size", type=positive_int, default=1000, help="batch size for evaluation")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     p.add_argument("--amp", default="auto", choices=["auto", "on", "off"],

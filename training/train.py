@@ -8,7 +8,8 @@
 Writes DIR/last.pt and DIR/best.pt (atomically, each loadable with torch.load(weights_only=True)),
 DIR/metrics.jsonl (one JSON object per epoch) and, with --vis, DIR/features.png.
 Reported accuracy is the final epoch's test accuracy. best.pt is picked on a validation split carved
-from the training set when --val-size > 0; without one it is the final epoch, because picking an
+from the training set (--val-size, by default the last 5000 MNIST training images; the checkpoint's
+config["held_out"] records which, and export fits calibration and the open-set threshold on them); without one it is the final epoch, because picking an
 epoch on the test set and reporting its test accuracy would overstate the result.
 
 --resume continues DIR/last.pt with the run's own flags, saved in the checkpoint: a flag given again must
@@ -42,7 +43,7 @@ from training.checkpoint import CheckpointError, save_checkpoint
 from training.data import MNIST_MEAN, MNIST_STD, Batches, DataError, load_split, prepare_mnist
 from training.devices import pick_device
 from training.models import build_model, embedding_dim
-from training.options import explicit_flags, get_args_parser, resolve_args
+from training.options import explicit_flags, get_args_parser, resolve_args, resolve_val_size
 from training.resume import load_resume, truncate_metrics
 from training.schedules import build_beta, build_lr_scheduler, resume_lr_scheduler
 
@@ -151,6 +152,7 @@ class _Data:
     test_x: torch.Tensor
     test_y: torch.Tensor
     train_count: int
+    held_out: dict | None = None
 
 
 def _load_data(args, dist_env: distributed.DistEnv, device: torch.device, is_main: bool) -> _Data:
@@ -163,11 +165,14 @@ def _load_data(args, dist_env: distributed.DistEnv, device: torch.device, is_mai
     train_x, train_y = load_split(root, train=True)
     test_x, test_y = load_split(root, train=False)
     val_x = val_y = None
+    args.val_size = resolve_val_size(args.val_size, len(train_y))  # "auto" -> a number, saved as such
+    held_out = None
     if args.val_size:
         if args.val_size >= len(train_y):
             raise ValueError(f"--val-size {args.val_size} leaves no training images")
         val_x, val_y = train_x[-args.val_size:], train_y[-args.val_size:]
         train_x, train_y = train_x[:-args.val_size], train_y[:-args.val_size]
+        held_out = held_out_record(val_x, val_y, len(train_y))
     if args.train_subset:
         train_x, train_y = train_x[:args.train_subset], train_y[:args.train_subset]
     if args.test_subset:
@@ -179,7 +184,7 @@ def _load_data(args, dist_env: distributed.DistEnv, device: torch.device, is_mai
                     seed=args.seed, rank=dist_env.rank, world_size=dist_env.world_size)
     val = Batches(val_x.to(on), val_y.to(on), args.eval_batch_size) if args.val_size else None
     return _Data(train, Batches(test_x.to(on), test_y.to(on), args.eval_batch_size), val, test_x, test_y,
-                 len(train_y))
+                 len(train_y), held_out)
 
 
 @dataclass
@@ -216,8 +221,25 @@ def _build_trainer(args, device: torch.device, total_iters: int, resume_ckpt: di
     return trainer
 
 
-def _run_config(args, device: torch.device) -> dict:
-    """What a checkpoint needs to rebuild and describe the net (export reads it)."""
+def held_out_record(images: torch.Tensor, labels: torch.Tensor, start: int) -> dict:
+    """What the checkpoint says about the held-out split: MNIST training images [start, stop), never trained
+    on, and the sha256 of their pixels and labels, so export can check it fits on the very same images."""
+    return {"split": "train", "start": int(start), "stop": int(start + len(labels)), "count": int(len(labels)),
+            "sha256": held_out_digest(images, labels)}
+
+
+def held_out_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 over the uint8 pixels then the labels as little-endian int64."""
+    import hashlib
+
+    digest = hashlib.sha256(images.to(torch.uint8).contiguous().numpy().tobytes())
+    digest.update(labels.to(torch.int64).contiguous().numpy().astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+def _run_config(args, device: torch.device, held_out: dict | None = None) -> dict:
+    """What a checkpoint needs to rebuild and describe the net (export reads it). held_out: which training images
+    were held out (None: none were), what export fits calibration and the open-set threshold on."""
     return {
         "model": args.model, "margin": args.margin, "num_classes": 10,
         "embedding_dim": embedding_dim(args.model),
@@ -225,6 +247,7 @@ def _run_config(args, device: torch.device) -> dict:
         "input": {"shape": [1, 28, 28], "dtype": "uint8", "polarity": "white digit on black (MNIST)"},
         "train_args": {k: v for k, v in vars(args).items()},
         "evaluated_on": device.type,  # another device's float32 arithmetic may flip a borderline image or two
+        "held_out": held_out,
     }
 
 
@@ -289,10 +312,11 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
         truncate_metrics(out / "metrics.jsonl", trainer.start_epoch - 1)
         print(f"resuming {out / 'last.pt'} at epoch {trainer.start_epoch}/{args.epochs}", flush=True)
     train_model = distributed.wrap(trainer.model, dist_env)
-    config = _run_config(args, device)
+    config = _run_config(args, device, data.held_out)
     if is_main:
         print(f"training {args.model} m={args.margin} on {device} ({dist_env.world_size} process(es)): "
-              f"{data.train_count} train / {len(data.test_y)} test images, {args.epochs} epochs x "
+              f"{data.train_count} train / {len(data.test_y)} test images"
+              + (f" ({args.val_size} held out)" if args.val_size else "") + f", {args.epochs} epochs x "
               f"{len(data.train)} iterations, batch {args.batch_size}, lr {args.lr} ({args.lr_schedule}), "
               f"wd {args.weight_decay}", flush=True)
     final = None

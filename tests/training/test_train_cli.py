@@ -252,6 +252,27 @@ def test_val_size_picks_best_by_val_acc_and_vis_writes_features(tiny_mnist_root,
     top = max(r["val_acc"] for r in rows)
     assert best["epoch"] == max(r["epoch"] for r in rows if r["val_acc"] == top)  # later epoch wins ties
     assert (tmp_path / "features.png").read_bytes()[:8] == PNG_MAGIC
+    # The checkpoint says which training images were held out (the last 64 of 512), with their digest.
+    from training.data import load_split
+    from training.train import held_out_digest
+
+    held = best["config"]["held_out"]
+    assert (held["split"], held["start"], held["stop"], held["count"]) == ("train", 448, 512, 64)
+    images, labels = load_split(tiny_mnist_root, train=True)
+    assert held["sha256"] == held_out_digest(images[448:], labels[448:])
+    assert best["config"]["train_args"]["val_size"] == 64
+
+
+def test_val_size_auto_holds_out_5000_of_mnist_and_nothing_of_a_tiny_set(tiny_mnist_root, tmp_path, capsys):
+    from training.options import get_args_parser, resolve_val_size
+
+    assert get_args_parser().parse_args([]).val_size == "auto"
+    assert resolve_val_size("auto", 60000) == 5000 and resolve_val_size("auto", 512) == 0
+    assert resolve_val_size(0, 60000) == 0 and resolve_val_size(7, 512) == 7
+    assert train(tiny_mnist_root, tmp_path, *SMALL) == 0
+    assert "held out" not in capsys.readouterr().out
+    config = last(tmp_path)["config"]
+    assert config["held_out"] is None and config["train_args"]["val_size"] == 0
 
 
 # --- resume -------------------------------------------------------------------------------------
