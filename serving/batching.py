@@ -89,11 +89,14 @@ class DynamicBatcher:
         self._expected = 1  # requests in the previous batch: how many callers may be on their way back
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        stats.pending = self.pending
 
     def pending(self) -> int:
         """Queue entries waiting for the backend (not counting the running batch)."""
         return len(self._queue) if self.config.enabled else max(0, self._outstanding - 1)
+
+    def _publish(self) -> None:
+        """The queue length into the model's metrics (a gauge read at scrape time), after every change."""
+        self.stats.pending = self.pending()
 
     async def infer(self, images: np.ndarray) -> Outputs:
         """uint8 [n, 1, 28, 28] (n >= 1) → the backend's outputs for these n rows, computed in some batch."""
@@ -130,6 +133,7 @@ class DynamicBatcher:
                 self._submit([entry])
         if self.config.enabled:
             self._kick()
+        self._publish()
         return futures
 
     def _enough(self) -> bool:
@@ -158,6 +162,7 @@ class DynamicBatcher:
         while queue and queue[0].future.done():  # callers that went away while queued
             self._queued_images -= queue.popleft().size
         if not queue:
+            self._publish()
             return
         if self._delay_ns and not self._enough():
             wait_ns = queue[0].enqueued_ns + self._delay_ns - time.perf_counter_ns()
@@ -180,6 +185,7 @@ class DynamicBatcher:
         if entries:
             self._running = True
             self._submit(entries)
+        self._publish()
 
     def _submit(self, entries: list[_Entry]) -> None:
         job = self._pool.submit(self._execute, [e.images for e in entries])
@@ -223,6 +229,7 @@ class DynamicBatcher:
         self._expected = len(entries)
         if self._queue and not self._scheduled:
             self._dispatch()
+        self._publish()
 
     def close(self) -> None:
         """Refuse new requests, fail the queued ones (UNAVAILABLE), wait for the running batch. Call it on the
@@ -236,4 +243,5 @@ class DynamicBatcher:
             if not entry.future.done():
                 entry.future.set_exception(NotReady("the server is shutting down"))
         self._queued_images = 0
+        self._publish()
         self._pool.shutdown(wait=True, cancel_futures=True)

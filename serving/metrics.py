@@ -84,7 +84,7 @@ class ModelStats:
         self.compute_infer_duration_ns = 0
         self.batch_size = _Histogram(BATCH_BUCKETS)
         self.latency = _Histogram(LATENCY_BUCKETS)
-        self.pending: Callable[[], int] = lambda: 0  # the batcher installs its queue length here
+        self.pending = 0  # requests queued for the backend; the batcher writes it as its queue changes
 
     def record_request(self, reason: str | None, duration_ns: int) -> None:
         """One inference RPC finished: reason None on success, else one of REASONS."""
@@ -147,7 +147,7 @@ class _Collector:
         latency = HistogramMetricFamily("lsoftmax_inference_request_duration_seconds",
                                         "End-to-end duration of inference requests in seconds", labels=labels)
         for s in self._stats:
-            pending.add_metric([s.model, s.version], s.pending())
+            pending.add_metric([s.model, s.version], s.pending)
             batch.add_metric([s.model, s.version], s.batch_size.buckets(), s.batch_size.sum)
             latency.add_metric([s.model, s.version], s.latency.buckets(), s.latency.sum)
         yield pending

@@ -41,22 +41,23 @@ from grpc_reflection.v1alpha import reflection
 
 from serving._proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
-from serving.backends import BACKENDS, DEVICES, load_backend
+from serving.backends import load_backend
 from serving.batching import BatchingConfig
 from serving.decode_queue import Decoder
 from serving.errors import StartupError
 from serving.health import SERVING, HealthServicer
-from serving.images import DEFAULT_MAX_IMAGE_PIXELS, configure_pillow
+from serving.images import configure_pillow
 from serving.interceptors import BoundaryInterceptor, Drain
 from serving.kserve import INFER_METHOD as KSERVE_INFER_METHOD
 from serving.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from serving.kserve import KServeServicer
-from serving.logs import LOG_LEVELS, configure_logging, log_event
+from serving.logs import configure_logging, log_event
 from serving.metrics import MetricsServer, ModelStats
 from serving.model_config import read_model_config
 from serving.repository import Manifest, ModelEntry, read_manifest, verify_sha256
 from serving.runner import ModelRunner
-from serving.security import TOKEN_ENV, TlsConfig, TokenAuth, read_token
+from serving.options import get_args_parser
+from serving.security import TlsConfig, TokenAuth, read_token
 from serving.servicer import SERVICE_NAME, DigitServicer, Limits
 
 __all__ = ["get_args_parser", "main", "serve"]
@@ -64,86 +65,11 @@ __all__ = ["get_args_parser", "main", "serve"]
 logger = logging.getLogger("serving")
 
 
-DEFAULT_QUEUE_DELAY_US = 0  # measured best on CPU (loadgen sweep): a busy backend already gathers the next batch
 # After the last arrival or answer: long enough for a client that just got its answer to send its next call (and
 # be told UNAVAILABLE "shutting down") even on a busy machine; a call that reached gRPC after stop() began would
 # be CANCELLED instead. 0.1 s lost calls under 64 clients on a loaded 2-core machine.
 DRAIN_QUIET_S = 0.5
-DEFAULT_QUEUE_SIZE = 1024
-DEFAULT_MAX_CONCURRENT_RPCS = 512  # beyond it gRPC answers RESOURCE_EXHAUSTED; bounds memory held by requests
 TYPED_INFER_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in ("Classify", "Embed"))
-
-
-def _positive(kind, maximum=None, minimum=1):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}{f' and <= {maximum}' if maximum else ''}, got {text}")
-        return value
-    return parse
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    limits = Limits()
-    p = argparse.ArgumentParser(prog="python -m serving", description="Serve an exported L-Softmax MNIST model over gRPC.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-repository", required=True, help="model repository written by `python -m export`")
-    p.add_argument("--model", default=None,
-                   help="serve only this model directory (default: all; the typed API serves the ONNX one)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default=None,
-                   help="serve only the repository's model of this format (default: all)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when a GPU is present, else CPU")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (see the `listening` log line)")
-    p.add_argument("--max-images-per-request", type=_positive(int), default=limits.max_images_per_request,
-                   help="more images in one request → RESOURCE_EXHAUSTED")
-    p.add_argument("--max-message-bytes", type=_positive(int, 2**31 - 1), default=limits.max_message_bytes,
-                   help="largest request message accepted (gRPC answers RESOURCE_EXHAUSTED beyond it)")
-    p.add_argument("--max-image-pixels", type=_positive(int), default=DEFAULT_MAX_IMAGE_PIXELS,
-                   help="largest declared width x height of an encoded image → INVALID_ARGUMENT beyond it")
-    p.add_argument("--max-request-pixels", type=_positive(int), default=limits.max_request_pixels,
-                   help="largest sum of declared width x height over one request's encoded images → "
-                        "RESOURCE_EXHAUSTED beyond it")
-    p.add_argument("--decode-threads", type=_positive(int), default=min(2, os.cpu_count() or 1),
-                   help="threads decoding encoded images, in each of the two lanes (small and large images)")
-    p.add_argument("--max-decode-queue", type=_positive(int), default=8,
-                   help="large images (over 512x512 pixels) waiting for or in decoding, over all requests; a request "
-                        "that would exceed it gets RESOURCE_EXHAUSTED at once")
-    p.add_argument("--max-concurrent-rpcs", type=_positive(int), default=DEFAULT_MAX_CONCURRENT_RPCS,
-                   help="calls handled at once; gRPC refuses more with RESOURCE_EXHAUSTED")
-    b = p.add_argument_group("dynamic batching (serving.batching)")
-    b.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
-                   help="coalesce concurrent requests into one backend call (--no-dynamic-batching: one call each)")
-    b.add_argument("--max-batch-size", type=_positive(int), default=None,
-                   help="most images per backend call; larger requests are split (default: the model's "
-                        "max_batch_size from config.pbtxt / manifest.json, 256 if neither says)")
-    b.add_argument("--max-queue-delay-us", type=_positive(int, minimum=0), default=DEFAULT_QUEUE_DELAY_US,
-                   help="longest a request may wait for others to join its batch, and only when the last batch held "
-                        "more requests than are queued (a lone request never waits); >0 can pay off on a GPU, on "
-                        "CPU requests queued while the backend is busy already form the batches")
-    b.add_argument("--max-queue-size", type=_positive(int, minimum=0), default=DEFAULT_QUEUE_SIZE,
-                   help="requests queued per model before new ones get UNAVAILABLE 'Exceeds maximum queue size' "
-                        "(0: unbounded)")
-    p.add_argument("--metrics-port", type=_positive(int, maximum=65535, minimum=-1), default=8002,
-                   help="Prometheus endpoint http://HOST:PORT/metrics with Triton's metric names (https with "
-                        "--tls-cert); 0 picks a free port (see the `listening` log line), -1 turns it off")
-    t = p.add_argument_group("security (serving.security)")
-    t.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
-    t.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    t.add_argument("--tls-client-ca", default=None,
-                   help="PEM CA: require client certificates signed by it (mutual TLS)")
-    t.add_argument("--auth-token-file", default=None,
-                   help=f"file holding the bearer token every call but health checks must send as "
-                        f"`authorization: Bearer <token>` (also: env {TOKEN_ENV}; none: no token needed)")
-    t.add_argument("--auth-token", default=None,
-                   help="the token itself (visible in the process list; prefer --auth-token-file)")
-    p.add_argument("--grace-seconds", type=float, default=10.0, help="time in-flight calls get to finish on SIGTERM")
-    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="debug logs one line per request")
-    p.add_argument("--log-format", choices=("json", "text"), default="json", help="json: one object per line")
-    return p
 
 
 def _load(entry: ModelEntry, manifest: Manifest, device: str, warmup_batch: int, batching: BatchingConfig,
@@ -151,7 +77,7 @@ def _load(entry: ModelEntry, manifest: Manifest, device: str, warmup_batch: int,
     """Runs in a worker thread: load the graph, warm it up, check it against the manifest."""
     start = time.perf_counter()
     try:
-        backend = load_backend(entry.kind, entry.path, device)
+        backend = load_backend(entry.kind, entry.path, device, input_name=manifest.input_name)
     except OSError as exc:
         raise StartupError(f"{exc.filename or entry.path}: cannot read model {entry.name!r} "
                            f"({exc.strerror or exc})") from None
