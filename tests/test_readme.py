@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +77,6 @@ def test_server_flags_in_table_exist():
     assert named and named <= known, f"README names flags the server lacks: {sorted(named - known)}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory, tiny_checkpoint):
     from export.repository import export_repository
@@ -95,18 +86,10 @@ def live_server(tmp_path_factory, tiny_checkpoint):
     repo = tmp_path_factory.mktemp("readme") / "model_repository"
     export_repository(tiny_checkpoint, repo, images=torch.from_numpy(x).unsqueeze(1),
                       labels=torch.from_numpy(y.astype(np.int64)), log=lambda *_: None)
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "serving", "--model-repository", str(repo), "--port", str(port),
-                               "--metrics-port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from serving.client import Client
+    from bench.server_process import ServerProcess
 
-    try:
-        with Client(f"127.0.0.1:{port}") as client:
-            client.wait_until_serving(timeout=60)
-        yield port
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+    with ServerProcess(repo, "--log-level", "info").start() as server:
+        yield server.port
 
 
 def test_readme_python_examples_run(live_server, tmp_path):

@@ -2,9 +2,10 @@
 
 - `model_repository` (session): `export.repository.export_repository` on the tiny `fast` checkpoint, verified
   on 64 synthetic digits (no MNIST needed).
-- `ServerProcess`: `python -m serving ... --port 0 --log-format json --log-level debug` in a subprocess; its
-  stderr is parsed line by line so tests wait on log events (`listening`, `ready`, `stopped`) and read the
-  port the server picked. Never a hard-coded port.
+- `ServerProcess` (bench.server_process, shared with the demo, the benchmarks and the README check):
+  `python -m serving ... --port 0 --log-format json --log-level debug` in a subprocess; its stderr is parsed
+  line by line so tests wait on log events (`listening`, `ready`, `stopped`) and read the port the server
+  picked. Never a hard-coded port.
 - `onnx_server` (session): one ONNX server shared by the gRPC and client tests, with small limits so the
   limit tests stay cheap.
 - `reference_outputs`: the exported graph run in-process (onnxruntime / torch.jit.load), the independent
@@ -22,13 +23,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import queue
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,6 +32,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.server_process import ServerProcess
 from support import synthetic_digits
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -91,96 +88,6 @@ def reference_outputs(repository: Path, kind: str, images: np.ndarray) -> tuple[
 def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
-
-
-class ServerProcess:
-    """`python -m serving` in a subprocess, with its JSON log lines collected as they arrive."""
-
-    def __init__(self, repository: Path, *args: str) -> None:
-        cmd = [sys.executable, "-m", "serving", "--model-repository", str(repository), "--port", "0",
-               "--metrics-port", "0", "--log-format", "json", "--log-level", "debug", *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self.records: list[dict] = []
-        self.lines: list[str] = []
-        self._events: queue.Queue = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.address: str | None = None
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            self.records.append(record)
-            self._events.put(record)
-        self._events.put(None)  # EOF
-
-    def wait_for(self, event: str, timeout: float = 60.0) -> dict:
-        """Block until the server logs `event`; AssertionError with the log if it exits or times out first."""
-        for record in self.records:
-            if record.get("event") == event:
-                return record
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                record = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {event!r} within {timeout} s; log:\n" + "\n".join(self.lines)) from None
-            if record is None:
-                raise AssertionError(f"server exited ({self.proc.wait()}) before {event!r}; log:\n" + "\n".join(self.lines))
-            if record.get("event") == event:
-                if event == "listening":
-                    self.address = record["address"]
-                return record
-
-    def start(self, timeout: float = 60.0) -> "ServerProcess":
-        self.address = self.wait_for("listening", timeout)["address"]
-        self.wait_for("ready", timeout)
-        return self
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self.wait_for("listening")["metrics_port"]
-
-    def rss_kib(self) -> int:
-        """Resident set size of the server process (VmRSS), KiB."""
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS line")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Signal the server (once) and wait for its exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.wait_exit(timeout)
-
-    def wait_exit(self, timeout: float = 30.0) -> int:
-        """Wait for the exit status without signalling: after a test's own SIGTERM, a second signal from stop()
-        would be the operator's "cut it short" and cancel the calls the drain is finishing."""
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._reader.join(5)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop_cleanly(self) -> None:
-        """SIGTERM and require exit status 0; a server that does not stop in time is killed, and that fails."""
-        try:
-            assert self.stop() == 0
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
 
 
 def scrape(server: ServerProcess, scheme: str = "http", context=None, token: str | None = None) -> dict[tuple, float]:
