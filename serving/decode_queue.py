@@ -4,8 +4,8 @@
     batch = await decoder.decode(items, invert, fit, deadline)   # uint8 [N, 1, 28, 28]
 
 Two lanes of worker threads:
-- the *small* lane reads every image's header (cheap: no pixels) and decodes the images whose declared size is
-  at most SMALL_PIXELS (phone-screen drawings, scans at web size, MNIST-sized files), in request order;
+- the *small* lane first reads every image's header (cheap: no pixels; a bad header or an overdrawn pixel budget
+  is refused before anything is decoded), then decodes the images whose declared size is at most SMALL_PIXELS (phone-screen drawings, scans at web size, MNIST-sized files), in request order;
 - the *large* lane decodes the rest, one image per job. Its queue is bounded (max_queued_large images waiting or
   running across all requests): beyond it a request gets RESOURCE_EXHAUSTED at once instead of waiting.
 So a 28x28 PNG never waits behind someone's 4096x4096 PNGs. Between images the request's deadline and
@@ -46,6 +46,7 @@ class _Request:
         self.budget = max_request_pixels
         self.spent = 0
         self.cancelled = threading.Event()
+        self.opened: list[Image.Image | None] = []
         self.out = np.empty((len(items), 1, SIDE, SIDE), np.uint8)
 
     def check(self) -> None:
@@ -62,22 +63,34 @@ class _Request:
             raise LimitExceeded(f"image {index}: the request's images declare {self.spent} pixels in all, more "
                                 f"than the {self.budget} one request may carry (--max-request-pixels)")
 
-    def run_small(self, start: int) -> tuple[int, Image.Image | None]:
-        """Small-lane worker: decode items[start:] in order until the end, or until an image too large for this
-        lane, returned opened (header only) with its index."""
-        for index in range(start, len(self.items)):
-            self.check()
-            kind, data = self.items[index]
+    def open_all(self) -> None:
+        """Every image's header (no pixels decoded): bad headers and the request's pixel budget are refused
+        before any decoding starts."""
+        self.opened = []
+        for index, (kind, data) in enumerate(self.items):
             if kind == "pixels":
-                self.out[index, 0] = raw_pixels(index, data, self.invert)
+                self.opened.append(None)
                 continue
             if kind != "encoded":
                 raise ImageError(index, "no data: set either `encoded` or `pixels`")
             im = open_image(index, data, self.max_image_pixels)
             self.charge(index, im)
-            if im.size[0] * im.size[1] > SMALL_PIXELS:
+            self.opened.append(im)
+
+    def run_small(self, start: int) -> tuple[int, Image.Image | None]:
+        """Small-lane worker: decode items[start:] in order until the end, or until an image too large for this
+        lane, returned opened (header only) with its index."""
+        if start == 0:
+            self.open_all()
+        for index in range(start, len(self.items)):
+            self.check()
+            im = self.opened[index]
+            if im is None:
+                self.out[index, 0] = raw_pixels(index, self.items[index][1], self.invert)
+            elif im.size[0] * im.size[1] > SMALL_PIXELS:
                 return index, im
-            self.out[index, 0] = prepare_image(index, im, self.invert, self.fit)
+            else:
+                self.out[index, 0] = prepare_image(index, im, self.invert, self.fit)
         return len(self.items), None
 
     def run_large(self, index: int, im: Image.Image) -> None:
