@@ -86,7 +86,7 @@ class Manifest:
 
     def select(self, model: str | None = None, backend: str | None = None) -> ModelEntry:
         """The model the typed API serves: --model NAME; else the model of --backend's format; else the ONNX
-        one (DESIGN §2), or the first by name when the repository has no ONNX model."""
+        one (docs/architecture.md §5), or the first by name when the repository has no ONNX model."""
         if model is not None:
             if model not in self.models:
                 raise StartupError(f"model {model!r} is not in {self.root / MANIFEST_FILE}; "

@@ -44,7 +44,7 @@ def test_reads_the_exported_manifest(model_repository):
 
 def test_model_selection(model_repository):
     manifest = read_manifest(model_repository)
-    assert manifest.select().name == "lsoftmax_mnist_onnx"  # the default of DESIGN §2
+    assert manifest.select().name == "lsoftmax_mnist_onnx"  # the default (docs/architecture.md §5)
     assert manifest.select(backend="torchscript").name == "lsoftmax_mnist_torchscript"
     assert manifest.select(model="lsoftmax_mnist_torchscript").kind == "torchscript"
     with pytest.raises(StartupError, match="'nope' is not in .*lsoftmax_mnist_onnx"):

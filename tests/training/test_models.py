@@ -1,5 +1,5 @@
 """The nets: shapes per name, argument checks, eval logits = W . embed(x), He init, and the paper's
-Table 1 structure (DESIGN.md section 3)."""
+Table 1 structure (docs/architecture.md §6)."""
 
 import math
 

@@ -116,7 +116,7 @@ def test_a_fresh_run_replaces_an_old_metrics_log(tiny_mnist_root, tmp_path):
 # --- every flag takes effect --------------------------------------------------------------------
 
 def test_weight_decay_reaches_the_optimizer_and_changes_the_result(tiny_mnist_root, tmp_path):
-    """The seed parsed --weight-decay and never used it (DESIGN.md section 3)."""
+    """The seed parsed --weight-decay and never used it (docs/architecture.md §6)."""
     runs = {}
     for wd in ("0", "0.05"):
         assert train(tiny_mnist_root, tmp_path / wd, *SMALL, "--weight-decay", wd, "--lr-schedule", "constant") == 0
