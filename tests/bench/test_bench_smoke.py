@@ -1,5 +1,6 @@
 """Quick runs of the benchmark scripts at tiny sizes, so they keep working (they assert no speed)."""
 
+import pytest
 from bench import layer as bench_layer
 from bench import train as bench_train
 
@@ -15,6 +16,7 @@ def test_layer_bench_rows_have_ratios():
     assert rows[0]["margin"] == 2 and rows[0]["vs_plain"] > 0 and "vs_pml" not in rows[0]
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_train_bench_runs(capsys):
     assert bench_train.main(["--nets", "fast,vis", "--batch-size", "4", "--iters", "1", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
@@ -38,6 +40,7 @@ def test_gpu_script_is_valid_bash_and_names_real_modules():
         assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), module
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_serve_bench_runs(tmp_path):
     """One short point against the tiny linear repository: table, goals and a perf_analyzer-style CSV."""
     import csv
@@ -101,6 +104,7 @@ def run_gpu_script(tmp_path, data_root, **settings):
     return (tmp_path / "out" / "summary.txt").read_text()
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_gpu_script_runs_every_step_at_toy_size_on_the_cpu(tmp_path, tiny_mnist_root):
     """The GPU session gets one try: run the same script here so a broken step shows now."""
     import tarfile
@@ -116,6 +120,7 @@ def test_gpu_script_runs_every_step_at_toy_size_on_the_cpu(tmp_path, tiny_mnist_
             "./machine.txt"} <= names, names
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_gpu_script_skips_steps_once_its_budget_is_spent_and_still_packs(tmp_path, tiny_mnist_root):
     summary = run_gpu_script(tmp_path, tiny_mnist_root, STEPS="reproduce,bench", BUDGET="12")
     assert "=== reproduce: skipped, budget spent" in summary and "=== bench_train: skipped" in summary

@@ -199,6 +199,7 @@ def _rss_mib(server) -> float:
     return server.rss_kib() / 1024
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_20000_requests_at_concurrency_64(model_repository, helpers):
     server = helpers.ServerProcess(model_repository, "--backend", "onnx", "--device", "cpu",
                                    "--log-level", "info").start()

@@ -2,6 +2,7 @@
 same global batch: only rank 0 writes, and the weights end up close (not equal: each rank normalises
 its BatchNorm batch over its own half, so activations and gradients differ slightly)."""
 
+import pytest
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ FLAGS = ["--model", "fast", "--margin", "2", "--epochs", "2", "--batch-size", "6
          "--device", "cpu", "--progress", "off"]
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_two_process_ddp_matches_one_process(tiny_mnist_root, tmp_path):
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

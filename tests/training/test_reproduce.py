@@ -1,10 +1,12 @@
 """The reproduction command end to end on tiny synthetic data: per-margin rows, curves, results.md."""
 
+import pytest
 import json
 
 from training import reproduce
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_reproduce_writes_table_and_curves(tmp_path, tiny_mnist_root, monkeypatch):
     import os
 
@@ -58,6 +60,7 @@ def test_a_run_past_the_deadline_is_stopped_and_keeps_its_logged_epochs(tmp_path
     assert skipped["finished"] is False and skipped["epochs"] == [] and not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_runs_cut_by_the_time_budget_are_listed_not_averaged(tmp_path, tiny_mnist_root, monkeypatch, capsys):
     """Runs go seed by seed; here the budget runs out after seed 0, so seed 1 is reported as unfinished."""
     real = reproduce._run_one
@@ -112,6 +115,7 @@ def test_results_page_orders_nets_and_keeps_tagged_paper_runs_apart_from_the_pap
     assert "| 4 | 99.70 ± 0.00 | 1 | 99.69 |" in text
 
 
+@pytest.mark.slow  # long end to end; `make test-slow`
 def test_a_failed_run_is_reported_and_the_others_keep_their_rows(tmp_path, tiny_mnist_root, monkeypatch, capsys):
     real = reproduce._run_one
 
