@@ -1,0 +1,232 @@
+"""The in-process tier: a grpc.aio server on port 0 in the test process, with a fake backend, for the typed API,
+the RPC boundary (auth, drain, error mapping, request metrics) and the batcher behind it. Milliseconds per test,
+no subprocess. (KServe needs `inference.*` protos that clash with tritonclient's in one process: its
+conformance tests run against subprocess servers.) Run: .venv/bin/python -m pytest tests/serving/test_serving_inprocess.py -q"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.tiny_repo import tiny_repo
+from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
+from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
+from serving.batching import BatchingConfig
+from serving.decode_queue import Decoder
+from serving.errors import (DeadlineExceeded, ImageError, InvalidInput, LimitExceeded, NotFound, NotReady, Overloaded,
+                            Unauthenticated, status_for)
+from serving.health import SERVING, HealthServicer
+from serving.interceptors import BoundaryInterceptor, Drain
+from serving.metrics import ModelStats
+from serving.repository import read_manifest
+from serving.runner import ModelRunner
+from serving.security import TokenAuth
+from serving.servicer import SERVICE_NAME, DigitServicer, Limits
+
+TOKEN = "in-process-token"
+
+
+class FakeBackend:
+    """logits = one-hot of (mean pixel // 26) scaled by 5, embedding = [mean, max]; or an exception."""
+    kind, device, providers = "fake", "cpu", ()
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.batches: list[int] = []
+
+    def infer(self, images: np.ndarray):
+        if self.fail:
+            raise RuntimeError("the fake backend broke")
+        self.batches.append(len(images))
+        flat = images.reshape(len(images), -1).astype(np.float32)
+        logits = np.zeros((len(images), 10), np.float32)
+        logits[np.arange(len(images)), np.minimum(flat.mean(1) // 26, 9).astype(int)] = 5.0
+        return logits, np.stack([flat.mean(1), flat.max(1)], 1)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class App:
+    address: str
+    stats: ModelStats
+    drain: Drain
+    backend: FakeBackend
+    runners: dict = field(default_factory=dict)
+
+
+async def _serve(tmp_path, scenario, *, token: str | None = None, fail: bool = False, ready: bool = True,
+                 limits: Limits = Limits(max_images_per_request=8)):
+    """Start the typed API behind the boundary interceptor on port 0, run scenario(app), stop."""
+    repo = tmp_path / "repo"
+    if not repo.exists():
+        tiny_repo(repo)
+    manifest = read_manifest(repo)
+    entry = manifest.select()
+    stats = ModelStats(entry.name, entry.version)
+    backend = FakeBackend(fail)
+    runners = {entry.name: ModelRunner(backend, entry, manifest, BatchingConfig(max_batch_size=4), stats)} \
+        if ready else {}
+    drain = Drain()
+    server = grpc.aio.server(interceptors=[BoundaryInterceptor(
+        TokenAuth(token) if token else None, lambda method, request: stats if "DigitService" in method else None,
+        drain)])
+    decoder = Decoder(threads=1)
+    pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(runners, entry.name, limits, decoder), server)
+    health = HealthServicer([SERVICE_NAME])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await health.set_all(SERVING)
+    try:
+        return await scenario(App(f"127.0.0.1:{port}", stats, drain, backend, runners))
+    finally:
+        await server.stop(None)
+        decoder.close()
+        for runner in runners.values():
+            runner.close()
+
+
+def _run(tmp_path, scenario, **kwargs):
+    return asyncio.run(_serve(tmp_path, scenario, **kwargs))
+
+
+def _pixels(value: int) -> pb.Image:
+    return pb.Image(pixels=bytes([value]) * 784)
+
+
+async def _status(call) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        return err.code(), err.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def test_classify_batches_and_answers_each_image(tmp_path):
+    async def scenario(app: App):
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = pb_grpc.DigitServiceStub(channel)
+            response = await stub.Classify(pb.ClassifyRequest(images=[_pixels(v) for v in (0, 60, 130, 250, 200)],
+                                                               top_k=2, return_logits=True))
+            info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+        return response, info
+
+    response, info = _run(tmp_path, scenario)
+    assert [r.label for r in response.results] == [0, 2, 5, 9, 7]
+    first = response.results[0]
+    assert first.probability == pytest.approx(np.exp(5) / (np.exp(5) + 9)) and len(first.top_k) == 2
+    assert list(first.logits)[0] == 5.0 and info.backend == "fake" and info.max_batch_size == 4
+
+
+def test_errors_map_to_status_codes_and_are_counted(tmp_path):
+    async def scenario(app: App):
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            classify = pb_grpc.DigitServiceStub(channel).Classify
+            codes = [await _status(classify(pb.ClassifyRequest(images=[_pixels(0), pb.Image(encoded=b"junk")]))),
+                     await _status(classify(pb.ClassifyRequest(images=[_pixels(0)] * 9))),
+                     await _status(classify(pb.ClassifyRequest(images=[]))),
+                     await _status(classify(pb.ClassifyRequest(images=[_pixels(0)], top_k=11)))]
+        return codes, dict(app.stats.request_failure), app.stats.request_success
+
+    codes, failures, successes = _run(tmp_path, scenario)
+    assert codes[0][0] == grpc.StatusCode.INVALID_ARGUMENT and codes[0][1].startswith("image 1: ")
+    assert codes[1][0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-images-per-request" in codes[1][1]
+    assert codes[2] == (grpc.StatusCode.INVALID_ARGUMENT, "the request has no images")
+    assert codes[3][0] == grpc.StatusCode.INVALID_ARGUMENT and "top_k" in codes[3][1]
+    assert failures["OTHER"] == 4 and successes == 0
+
+
+def test_a_backend_failure_is_internal_without_its_message(tmp_path):
+    async def scenario(app: App):
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            return (await _status(pb_grpc.DigitServiceStub(channel).Classify(pb.ClassifyRequest(images=[_pixels(0)])))), \
+                dict(app.stats.request_failure)
+
+    (code, details), failures = _run(tmp_path, scenario, fail=True)
+    assert code == grpc.StatusCode.INTERNAL and details == "internal error (RuntimeError); see the server log"
+    assert failures["BACKEND"] == 1
+
+
+def test_not_loaded_yet_is_unavailable(tmp_path):
+    async def scenario(app: App):
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            return await _status(pb_grpc.DigitServiceStub(channel).Classify(pb.ClassifyRequest(images=[_pixels(0)])))
+
+    code, details = _run(tmp_path, scenario, ready=False)
+    assert code == grpc.StatusCode.UNAVAILABLE and "not loaded yet" in details
+
+
+def test_the_token_is_required_but_health_stays_open(tmp_path):
+    async def scenario(app: App):
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            classify = pb_grpc.DigitServiceStub(channel).Classify
+            request = pb.ClassifyRequest(images=[_pixels(0)])
+            results = [await _status(classify(request)),
+                       await _status(classify(request, metadata=(("authorization", "Bearer wrong"),))),
+                       await _status(classify(request, metadata=(("authorization", f"Bearer {TOKEN}"),)))]
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        return results, health.status
+
+    results, health = _run(tmp_path, scenario, token=TOKEN)
+    assert [code for code, _ in results] == [grpc.StatusCode.UNAUTHENTICATED] * 2 + [grpc.StatusCode.OK]
+    assert "authorization: Bearer" in results[0][1] and health == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_draining_server_refuses_new_calls_and_counts_calls_until_answered(tmp_path):
+    async def scenario(app: App):
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            classify = pb_grpc.DigitServiceStub(channel).Classify
+            answered = await _status(classify(pb.ClassifyRequest(images=[_pixels(0)])))
+            await asyncio.sleep(0.05)  # the done callback runs once the status is sent
+            in_flight_after_answer = app.drain.in_flight
+            app.drain.draining = True
+            refused = await _status(classify(pb.ClassifyRequest(images=[_pixels(0)])))
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        await asyncio.sleep(0.05)
+        return answered, in_flight_after_answer, refused, health.status, app.drain.in_flight, \
+            await app.drain.wait(0.01, 1.0)
+
+    answered, in_flight, refused, health, in_flight_end, drained = _run(tmp_path, scenario)
+    assert answered[0] == grpc.StatusCode.OK and in_flight == 0
+    assert refused[0] == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused[1]
+    assert health == health_pb2.HealthCheckResponse.SERVING and in_flight_end == 0 and drained
+
+
+def test_queued_requests_share_backend_calls(tmp_path):
+    async def scenario(app: App):
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            classify = pb_grpc.DigitServiceStub(channel).Classify
+            responses = await asyncio.gather(*(classify(pb.ClassifyRequest(images=[_pixels(26 * (i % 10))]))
+                                               for i in range(12)))
+        return [r.results[0].label for r in responses], app.backend.batches, app.stats.exec_count
+
+    labels, batches, executions = _run(tmp_path, scenario)
+    assert labels == [i % 10 for i in range(12)]
+    assert sum(batches) == 12 and max(batches) <= 4 and executions == len(batches) < 12
+
+
+@pytest.mark.parametrize("error, code", [
+    (ImageError(3, "bad"), grpc.StatusCode.INVALID_ARGUMENT), (InvalidInput("x"), grpc.StatusCode.INVALID_ARGUMENT),
+    (LimitExceeded("x"), grpc.StatusCode.RESOURCE_EXHAUSTED), (NotFound("x"), grpc.StatusCode.NOT_FOUND),
+    (NotReady("x"), grpc.StatusCode.UNAVAILABLE), (Overloaded("x"), grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated("x"), grpc.StatusCode.UNAUTHENTICATED),
+    (DeadlineExceeded("x"), grpc.StatusCode.DEADLINE_EXCEEDED), (KeyError("secret"), grpc.StatusCode.INTERNAL),
+])
+def test_status_for_is_the_one_table(error, code):
+    got, details = status_for(error)
+    assert got == code
+    assert ("secret" not in details) if code == grpc.StatusCode.INTERNAL else details == str(error)
+
+
+def test_token_check_is_exact():
+    auth = TokenAuth(TOKEN)
+    assert auth.check([("authorization", f"Bearer {TOKEN}")]) and auth.check([("authorization", f"bearer {TOKEN} ")])
+    assert not auth.check([("authorization", f"Bearer {TOKEN}x")]) and not auth.check([("authorization", TOKEN)])
+    assert not auth.check([]) and TokenAuth.public("/grpc.health.v1.Health/Check")
