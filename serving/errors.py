@@ -11,7 +11,7 @@ import grpc
 
 __all__ = [
     "ServingError", "InvalidInput", "ImageError", "LimitExceeded", "NotFound", "NotReady", "Overloaded",
-    "Unauthenticated", "DeadlineExceeded", "StartupError", "status_for",
+    "Unauthenticated", "DeadlineExceeded", "StartupError", "UsageError", "status_for",
 ]
 
 
@@ -58,7 +58,11 @@ class DeadlineExceeded(ServingError):
 
 
 class StartupError(ServingError):
-    """The server cannot start (bad repository, checksum mismatch, unavailable device); exits non-zero."""
+    """The server cannot start (bad repository, checksum mismatch, unavailable device); exits 1."""
+
+
+class UsageError(StartupError):
+    """Flags that cannot work together (--tls-cert without --tls-key, ...); exits 2, as argparse does."""
 
 
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from serving.errors import StartupError
+from serving.errors import StartupError, UsageError
 
 __all__ = ["TokenAuth", "TlsConfig", "PUBLIC_METHOD_PREFIXES", "TOKEN_ENV", "read_token"]
 
@@ -59,10 +59,10 @@ class TlsConfig:
     def from_args(cls, cert: str | None, key: str | None, client_ca: str | None) -> "TlsConfig | None":
         if not cert and not key:
             if client_ca:
-                raise StartupError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+                raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
             return None
         if not (cert and key):
-            raise StartupError("--tls-cert and --tls-key go together")
+            raise UsageError("--tls-cert and --tls-key go together")
         return cls(cert, key, client_ca)
 
     def server_credentials(self) -> grpc.ServerCredentials:
@@ -86,7 +86,7 @@ class TlsConfig:
 def read_token(token: str | None, token_file: str | None, environ=os.environ) -> str | None:
     """--auth-token / --auth-token-file / $LSOFTMAX_AUTH_TOKEN (first one set) → the token, or None (no auth)."""
     if token and token_file:
-        raise StartupError("give --auth-token or --auth-token-file, not both")
+        raise UsageError("give --auth-token or --auth-token-file, not both")
     if token_file:
         token = _read(token_file, "token file").decode("utf-8", "replace").strip()
         if not token:

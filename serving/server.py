@@ -44,7 +44,7 @@ from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
 from serving.backends import load_backend
 from serving.batching import BatchingConfig
 from serving.decode_queue import Decoder
-from serving.errors import StartupError
+from serving.errors import StartupError, UsageError
 from serving.health import SERVING, HealthServicer
 from serving.images import configure_pillow
 from serving.interceptors import BoundaryInterceptor, Drain
@@ -361,10 +361,10 @@ def main(args: argparse.Namespace) -> int:
     configure_pillow(args.max_image_pixels)
     try:
         return asyncio.run(serve(args))
-    except StartupError as exc:
+    except StartupError as exc:  # UsageError (flags that cannot work together) exits 2, as argparse's errors do
         log_event(logger, logging.ERROR, "startup_failed", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 def run_cli() -> None:
