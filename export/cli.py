@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from export.open_set import DEFAULT_ACCEPT_RATE, DEFAULT_DETECTOR, IN_GRAPH
 from export.repository import ExportError, export_repository
 from export.verify import ParityError
 from training.checkpoint import CheckpointError
@@ -25,6 +26,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--data-dir", default=None, help="torchvision-layout MNIST root to verify on")
     p.add_argument("--cache-dir", default=None, help="MNIST cache root")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR, choices=IN_GRAPH,
+                   help="the open-set score the graphs compute as known_score (higher = more digit-like)")
+    p.add_argument("--accept-rate", type=float, default=DEFAULT_ACCEPT_RATE,
+                   help="known_score threshold: the one accepting this fraction of the held-out digits")
+    p.add_argument("--fit-on-training-images", action="store_true",
+                   help="for a checkpoint without a held-out split: fit the temperature and threshold on the last "
+                        "5000 training images, which the net trained on (recorded in the manifest)")
     return p
 
 
@@ -38,7 +46,8 @@ def main(argv=None) -> int:
         return 2
     try:
         export_repository(args.checkpoint, args.out, force=args.force, max_batch_size=args.max_batch_size,
-                          opset=args.opset, data_dir=args.data_dir, cache_dir=args.cache_dir)
+                          opset=args.opset, data_dir=args.data_dir, cache_dir=args.cache_dir, detector=args.detector,
+                          accept_rate=args.accept_rate, fit_on_training_images=args.fit_on_training_images)
     except (ExportError, CheckpointError, ParityError, DataError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

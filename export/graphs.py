@@ -1,7 +1,7 @@
 """Write and reload the two graph formats: TorchScript (model.pt) and ONNX (model.onnx).
 
-Both take `image` UINT8 [N, 1, 28, 28] and return `logits` FP32 [N, C] and `embedding` FP32 [N, D],
-with a dynamic batch axis (the names are serving.repository_format's INPUT and OUTPUTS).
+Both take `image` UINT8 [N, 1, 28, 28] and return `logits` FP32 [N, C], `embedding` FP32 [N, D] and
+`known_score` FP32 [N], with a dynamic batch axis (the names are serving.repository_format's INPUT and ALL_OUTPUTS).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.repository_format import IMAGE_DIMS, INPUT, OUTPUTS
+from serving.repository_format import ALL_OUTPUTS, IMAGE_DIMS, INPUT
 
 __all__ = ["write_torchscript", "write_onnx", "load_torchscript", "load_onnx_session", "run_torchscript", "run_onnx",
            "FORBIDDEN_ONNX_OPS", "onnx_report"]
@@ -34,8 +34,8 @@ def write_onnx(module: torch.nn.Module, path: Path, opset: int = 17) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The TorchScript-based exporter (dynamo=False) gives a compact graph with a symbolic batch axis.
-        torch.onnx.export(module, (example,), str(path), input_names=[INPUT], output_names=list(OUTPUTS),
-                          dynamic_axes={INPUT: batch, **{name: batch for name in OUTPUTS}},
+        torch.onnx.export(module, (example,), str(path), input_names=[INPUT], output_names=list(ALL_OUTPUTS),
+                          dynamic_axes={INPUT: batch, **{name: batch for name in ALL_OUTPUTS}},
                           opset_version=opset, do_constant_folding=True, dynamo=False)
 
 
@@ -54,14 +54,14 @@ def load_onnx_session(path: Path):
 
 
 @torch.no_grad()
-def run_torchscript(module, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    logits, embedding = module(images)
-    return logits.numpy(), embedding.numpy()
+def run_torchscript(module, images: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """(logits, embedding, known_score) as numpy."""
+    return tuple(out.numpy() for out in module(images))
 
 
-def run_onnx(session, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    logits, embedding = session.run(list(OUTPUTS), {INPUT: images.numpy()})
-    return logits, embedding
+def run_onnx(session, images: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """(logits, embedding, known_score) as numpy."""
+    return tuple(session.run(list(ALL_OUTPUTS), {INPUT: images.numpy()}))
 
 
 def onnx_report(path: Path) -> dict:

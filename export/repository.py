@@ -18,9 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from export.graphs import load_onnx_session, load_torchscript, onnx_report, write_onnx, write_torchscript
+from export import open_set
 from export.inference_module import build_inference_module
 from export.verify import ParityReport, check_parity
 from serving.repository_config import model_config, write_config
@@ -109,14 +111,94 @@ def _install(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _rebuild(checkpoint: Path) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
-    """The checkpoint, its net, and the inference module (margin folded away, normalisation inside)."""
+def _rebuild(checkpoint: Path) -> tuple[dict, torch.nn.Module]:
+    """The checkpoint and its net."""
     ckpt = load_checkpoint(checkpoint)
     try:
         net = rebuild_model(ckpt)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise ExportError(f"{checkpoint}: weights do not fit the net its config describes ({exc})") from None
-    return ckpt, net, build_inference_module(net, ckpt["config"]["normalization"])
+    return ckpt, net
+
+
+NOT_FITTED = ("{checkpoint} records no held-out images (trained with --val-size 0 or before it was recorded): "
+              "the served probabilities stay uncalibrated (temperature 1) and no input is rejected as not a digit. "
+              "Retrain with a held-out split, or export with --fit-on-training-images to fit on training images the "
+              "net has seen (recorded in the manifest; the threshold then accepts more unknowns than it should)")
+
+
+def _fit_set(ckpt: dict, checkpoint: Path, fit_images, fit_labels, fit_on_training_images: bool, data_dir,
+             cache_dir) -> tuple[torch.Tensor | None, torch.Tensor | None, dict | None]:
+    """The images calibration and the threshold are fitted on, and what they are (for the manifest): the
+    checkpoint's held-out split (checked against its sha256), images the caller gives, the last training images
+    with --fit-on-training-images, or none (not fitted)."""
+    held = ckpt["config"].get("held_out")
+    if fit_images is not None:
+        return fit_images, fit_labels, {"source": "given by the caller", "count": len(fit_labels)}
+    if not held and not fit_on_training_images:
+        return None, None, None
+    from training.data import load_split, prepare_mnist
+    from training.train import held_out_digest
+
+    images, labels = load_split(prepare_mnist(data_dir, cache_dir=cache_dir), train=True)
+    if held:
+        start, stop = int(held["start"]), int(held["stop"])
+        images, labels = images[start:stop], labels[start:stop]
+        if len(labels) != stop - start or held_out_digest(images, labels) != held.get("sha256"):
+            raise ExportError(f"{checkpoint}: the held-out training images [{start}, {stop}) of this MNIST copy are not "
+                              "the ones the checkpoint recorded (sha256 differs); use the run's --data-dir")
+        return images, labels, {"source": "held-out training images", "split": "train", "start": start, "stop": stop,
+                                "count": stop - start, "sha256": held["sha256"]}
+    count = min(5000, len(labels))
+    return images[-count:], labels[-count:], {
+        "source": "training images the net trained on (--fit-on-training-images; no held-out split recorded)",
+        "split": "train", "start": len(labels) - count, "stop": len(labels), "count": count}
+
+
+@torch.no_grad()
+def _outputs(module, images: torch.Tensor, batch_size: int = 1000) -> tuple:
+    parts = [module(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return tuple(torch.cat([p[k] for p in parts]).numpy() for k in range(len(parts[0])))
+
+
+def _fit(net, ckpt: dict, images, labels, fitted_on: dict | None, detector: str, accept_rate: float,
+         log) -> tuple[torch.nn.Module, dict, dict]:
+    """The inference module with its known_score detector, and the manifest's calibration and open_set records.
+
+    The temperature minimises NLL on the fit images. For mahalanobis the class means and covariance are fitted
+    on the even-indexed fit images and the threshold on the odd ones (a threshold on the images the statistics
+    came from would accept fewer unseen digits than it says); max_cosine has no parameters and uses them all."""
+    normalization = ckpt["config"]["normalization"]
+    if images is None:
+        log(NOT_FITTED.format(checkpoint=ckpt.get("_path", "the checkpoint")))
+        module = build_inference_module(net, normalization, detector="max_cosine")
+        return module, {"temperature": 1.0, "fitted_on": None}, {
+            "output": "known_score", "detector": "max_cosine", "threshold": None, "accept_rate": None,
+            "fitted_on": None, "description": open_set.DETECTORS["max_cosine"]}
+    labels_np = labels.numpy()
+    base = build_inference_module(net, normalization, detector="max_cosine")
+    logits, embedding, _ = _outputs(base, images)
+    temperature = open_set.fit_temperature(logits, labels_np)
+    calibration = {"temperature": temperature, "fitted_on": fitted_on,
+                   "nll_before": open_set.nll(logits, labels_np), "nll_after": open_set.nll(logits, labels_np, temperature),
+                   "ece_before": open_set.ece(open_set.softmax(logits), labels_np),
+                   "ece_after": open_set.ece(open_set.softmax(logits, temperature), labels_np)}
+    fitted, threshold_rows = None, np.arange(len(labels_np))
+    if detector == "mahalanobis":
+        stats_rows, threshold_rows = threshold_rows[0::2], threshold_rows[1::2]
+        fitted = open_set.fit_mahalanobis(embedding[stats_rows], labels_np[stats_rows],
+                                          int(ckpt["config"].get("num_classes", 10)))
+    module = build_inference_module(net, normalization, detector=detector, fitted=fitted)
+    scores = _outputs(module, images[torch.from_numpy(threshold_rows)])[2]
+    threshold = open_set.accept_threshold(scores, accept_rate)
+    record = {"output": "known_score", "detector": detector, "threshold": threshold, "accept_rate": accept_rate,
+              "fit_accepted": float((scores >= threshold).mean()), "fitted_on": fitted_on,
+              "threshold_images": len(threshold_rows), "description": open_set.DETECTORS[detector]}
+    log(f"calibration: temperature {temperature:.4g} on {len(labels_np)} {fitted_on['source']} (NLL "
+        f"{calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}, ECE {100 * calibration['ece_before']:.2f}% -> "
+        f"{100 * calibration['ece_after']:.2f}%); known_score {detector} >= {threshold:.6g} accepts "
+        f"{100 * record['fit_accepted']:.2f}% of {len(threshold_rows)} of them")
+    return module, calibration, record
 
 
 def _verification_set(images, labels, config: dict, data_dir, cache_dir) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -146,7 +228,7 @@ def _write_model(tmp: Path, fmt: ModelFormat, inference, opset: int, max_batch_s
 
 
 def _manifest(tmp: Path, checkpoint: Path, ckpt: dict, paths: dict[str, Path], report: ParityReport,
-              graph_facts: dict, max_batch_size: int) -> RepositoryManifest:
+              graph_facts: dict, max_batch_size: int, fits: dict | None = None) -> RepositoryManifest:
     """manifest.json's content: the served facts, every file's sha256, and the export's provenance."""
     config = ckpt["config"]
     num_classes, normalization = int(config.get("num_classes", 10)), config["normalization"]
@@ -158,17 +240,17 @@ def _manifest(tmp: Path, checkpoint: Path, ckpt: dict, paths: dict[str, Path], r
         input=InputSpec(polarity=config.get("input", {}).get("polarity", "white digit on black (MNIST)"),
                         normalization={"scale": float(normalization.get("scale", 1 / 255)),
                                        "mean": float(normalization["mean"]), "std": float(normalization["std"])}),
-        outputs=TensorSpec.outputs(num_classes, int(config["embedding_dim"])),
+        outputs=TensorSpec.outputs(num_classes, int(config["embedding_dim"]), known_score=True),
         models={fmt.directory: ModelSpec.of(fmt, sha256_file(paths[fmt.kind])) for fmt in FORMATS},
         files=files,
-        records={"onnx": graph_facts, "parity": report.as_dict(),
+        records={**(fits or {}), "onnx": graph_facts, "parity": report.as_dict(),
                  "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
                                        "epoch": ckpt.get("epoch"), "train_args": config.get("train_args", {})},
                  "exporter": {**_versions(), "created_unix": int(time.time())}})
 
 
 def _build(tmp: Path, checkpoint: Path, ckpt: dict, net, inference, images, labels, on_full_test_set: bool,
-           max_batch_size: int, opset: int) -> tuple[RepositoryManifest, ParityReport]:
+           max_batch_size: int, opset: int, fits: dict | None = None) -> tuple[RepositoryManifest, ParityReport]:
     """Write both graphs and their configs into tmp, verify them, then write manifest.json."""
     config = ckpt["config"]
     num_classes, embedding_dim = int(config.get("num_classes", 10)), int(config["embedding_dim"])
@@ -182,7 +264,7 @@ def _build(tmp: Path, checkpoint: Path, ckpt: dict, net, inference, images, labe
         off = accuracy_mismatch(report.accuracy, recorded, config, len(images))
         if off:
             raise ExportError(f"exported accuracy {off} differs from the checkpoint's recorded {recorded:.2f}%")
-    manifest = _manifest(tmp, checkpoint, ckpt, paths, report, graph_facts, max_batch_size)
+    manifest = _manifest(tmp, checkpoint, ckpt, paths, report, graph_facts, max_batch_size, fits)
     write_manifest(tmp, manifest)
     return manifest, report
 
@@ -190,21 +272,35 @@ def _build(tmp: Path, checkpoint: Path, ckpt: dict, net, inference, images, labe
 def export_repository(checkpoint: str | Path, out: str | Path, force: bool = False,
                       images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                       max_batch_size: int = 256, opset: int = 17, data_dir=None, cache_dir=None,
-                      log=print) -> dict:
+                      log=print, detector: str = open_set.DEFAULT_DETECTOR,
+                      accept_rate: float = open_set.DEFAULT_ACCEPT_RATE, fit_images: torch.Tensor | None = None,
+                      fit_labels: torch.Tensor | None = None, fit_on_training_images: bool = False) -> dict:
     """Export, verify and lay out a repository; returns the manifest (with the parity report).
 
     images/labels: uint8 [N, 1, 28, 28] / int64 [N] to verify on; default: the full MNIST test set.
+    The temperature and the known_score threshold are fitted on the checkpoint's held-out training images
+    (fit_images/fit_labels instead when given; the last 5000 training images with fit_on_training_images; else
+    not fitted: temperature 1 and no threshold, said in one line). detector: max_cosine or mahalanobis.
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    if detector not in open_set.IN_GRAPH:
+        raise ExportError(f"unknown detector {detector!r}; the graphs can compute {', '.join(open_set.IN_GRAPH)}")
+    if not 0.0 < accept_rate <= 1.0:
+        raise ExportError(f"accept rate must be in (0, 1], got {accept_rate}")
     _prepare_out(out, force)
-    ckpt, net, inference = _rebuild(checkpoint)
+    ckpt, net = _rebuild(checkpoint)
+    ckpt["_path"] = str(checkpoint)
+    fit_x, fit_y, fitted_on = _fit_set(ckpt, checkpoint, fit_images, fit_labels, fit_on_training_images, data_dir,
+                                       cache_dir)
+    inference, calibration, open_set_record = _fit(net, ckpt, fit_x, fit_y, fitted_on, detector, accept_rate, log)
+    fits = {"calibration": calibration, "open_set": open_set_record}
     images, labels, on_full_test_set = _verification_set(images, labels, ckpt["config"], data_dir, cache_dir)
 
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         manifest, report = _build(tmp, checkpoint, ckpt, net, inference, images, labels, on_full_test_set,
-                                  max_batch_size, opset)
+                                  max_batch_size, opset, fits)
         _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Parity checks run before an export reports success.
 
 Eager inference module vs TorchScript (saved and reloaded) vs ONNX Runtime, at batch sizes 1 and 64
-and over a whole evaluation set: max |diff| of logits and embeddings, top-1 agreement (differing
+and over a whole evaluation set: max |diff| of logits, embeddings and known_score, top-1 agreement (differing
 images listed), and each runtime's accuracy against the labels. The fold itself is checked against
 the unfolded net in eval mode (same logits from normalised pixels).
 """
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from export.graphs import run_onnx, run_torchscript
-from serving.repository_format import OUTPUTS
+from serving.repository_format import ALL_OUTPUTS
 from training.data import normalize
 
 __all__ = ["ParityError", "ParityReport", "check_parity", "parity_problems", "TOLERANCE"]
@@ -50,26 +50,27 @@ class ParityReport:
             for runtime, stats in runtimes.items():
                 out.append(f"{name:>5} {runtime:<11} vs eager: max|dlogits| {stats['logits']:.3g} "
                            f"(of {stats['logits_scale']:.3g})  max|dembedding| {stats['embedding']:.3g} "
-                           f"(of {stats['embedding_scale']:.3g})  top-1 agreement {stats['top1']:.2f}%")
+                           f"(of {stats['embedding_scale']:.3g})  max|dknown_score| {stats.get('known_score', 0):.3g} "
+                           f"(of {stats.get('known_score_scale', 1):.3g})  top-1 agreement {stats['top1']:.2f}%")
         acc = "  ".join(f"{k} {v:.2f}%" for k, v in self.accuracy.items())
         out.append(f"accuracy over {self.images} images: {acc}")
         return out
 
 
-def _batched(fn, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _batched(fn, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray, ...]:
     parts = [fn(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(len(parts[0])))
 
 
 def _scale(values: np.ndarray) -> float:
     return max(1.0, float(np.abs(values).max()))
 
 
-def _compare(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray]) -> dict:
+def _compare(ref: tuple[np.ndarray, ...], got: tuple[np.ndarray, ...]) -> dict:
     """Per output (by its tensor name): max abs difference and the reference's scale; top-1 agreement."""
     return {
-        **{name: float(np.abs(r - g).max()) for name, r, g in zip(OUTPUTS, ref, got)},
-        **{f"{name}_scale": _scale(r) for name, r in zip(OUTPUTS, ref)},
+        **{name: float(np.abs(r - g).max()) for name, r, g in zip(ALL_OUTPUTS, ref, got)},
+        **{f"{name}_scale": _scale(r) for name, r in zip(ALL_OUTPUTS, ref)},
         "top1": 100.0 * float((ref[0].argmax(1) == got[0].argmax(1)).mean()),
     }
 
@@ -85,8 +86,7 @@ def check_parity(net, inference, scripted, session, images: torch.Tensor, labels
     }
 
     def eager(x):
-        logits, embedding = inference(x)
-        return logits.numpy(), embedding.numpy()
+        return tuple(out.numpy() for out in inference(x))
 
     # The fold: plain logits of the trained net (margin layer in eval mode) from normalised pixels.
     probe = images[:256]
@@ -123,7 +123,7 @@ def parity_problems(report: ParityReport) -> list[str]:
     for name, per_runtime in report.batches.items():
         for rt, stats in per_runtime.items():
             bad = [f"{out} {stats[out]:.3g} > {report.tolerance} x {stats[out + '_scale']:.3g}"
-                   for out in OUTPUTS if stats[out] > report.tolerance * stats[out + "_scale"]]
+                   for out in ALL_OUTPUTS if out in stats and stats[out] > report.tolerance * stats[out + "_scale"]]
             if bad:
                 problems.append(f"{rt} at {name}: max diff " + ", ".join(bad))
     for rt, idx in report.disagreements.items():

@@ -26,7 +26,7 @@ from serving._proto.inference import model_config_pb2 as mc
 from serving.errors import InvalidInput, LimitExceeded, NotFound, NotReady
 from serving.model_config import effective_config
 from serving.repository import Manifest, ModelEntry
-from serving.repository_format import IMAGE_DIMS, INPUT_DATATYPE, OUTPUT_DATATYPE, OUTPUTS
+from serving.repository_format import ALL_OUTPUTS, IMAGE_DIMS, INPUT_DATATYPE, OUTPUT_DATATYPE, OUTPUTS
 from serving.runner import ModelRunner
 
 __all__ = ["KServeServicer", "SERVICE_NAME", "SERVER_NAME", "INFER_METHOD"]
@@ -89,7 +89,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=runner.name, versions=[runner.version], platform=runner.entry.format.platform,
             inputs=[tensor(name=self._input, datatype=INPUT_DATATYPE, shape=[-1, *IMAGE_DIMS])],
             outputs=[tensor(name=name, datatype=OUTPUT_DATATYPE, shape=[-1, size]) for name, size in
-                     zip(OUTPUTS, (self._manifest.num_classes, self._manifest.embedding_dim))],
+                     zip(OUTPUTS, (self._manifest.num_classes, self._manifest.embedding_dim))]
+            + ([tensor(name=ALL_OUTPUTS[2], datatype=OUTPUT_DATATYPE, shape=[-1])] if runner.backend.has_known_score
+               else []),
         )
 
     async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
@@ -140,27 +142,29 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return array.astype(np.uint8).reshape(shape)
 
     @staticmethod
-    def _wanted(request: pb.ModelInferRequest, model: str) -> tuple[int, ...]:
-        """Indices into OUTPUTS of the requested outputs, in the requested order (all when none are named)."""
+    def _wanted(request: pb.ModelInferRequest, model: str, names: tuple[str, ...] = OUTPUTS) -> tuple[int, ...]:
+        """Indices into the model's outputs (`names`: OUTPUTS, then known_score when the graph has it) of the
+        requested outputs, in the requested order (all when none are named)."""
         if not request.outputs:
-            return tuple(range(len(OUTPUTS)))
+            return tuple(range(len(names)))
         wanted = []
         for output in request.outputs:
-            if output.name not in OUTPUTS:
+            if output.name not in names:
                 raise InvalidInput(f"unexpected inference output '{output.name}' for model '{model}'")
-            wanted.append(OUTPUTS.index(output.name))
+            wanted.append(names.index(output.name))
         return tuple(wanted)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         runner = self._runner(request.model_name, request.model_version)
         images = self._images(request)
-        wanted = self._wanted(request, runner.name)
+        names = ALL_OUTPUTS if runner.backend.has_known_score else OUTPUTS
+        wanted = self._wanted(request, runner.name, names)
         arrays = await runner.infer(images)
         tensor = pb.ModelInferResponse.InferOutputTensor
         outputs, contents = [], []
         for index in wanted:
             array = arrays[index]
-            outputs.append(tensor(name=OUTPUTS[index], datatype=OUTPUT_DATATYPE, shape=array.shape))
+            outputs.append(tensor(name=names[index], datatype=OUTPUT_DATATYPE, shape=array.shape))
             contents.append(array.astype("<f4", copy=False).tobytes())
         return pb.ModelInferResponse(model_name=runner.name, model_version=runner.version, id=request.id,
                                      outputs=outputs, raw_output_contents=contents)

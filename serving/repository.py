@@ -78,6 +78,24 @@ class Manifest:
     def test_accuracy(self) -> float | None:
         return None if self.spec.test_accuracy is None else float(self.spec.test_accuracy)
 
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature served probabilities use (manifest calibration.temperature; 1 when absent)."""
+        value = (self.spec.records.get("calibration") or {}).get("temperature")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 1.0
+
+    @property
+    def known_score_threshold(self) -> float | None:
+        """Reject inputs whose known_score is below this (manifest open_set.threshold; None: reject nothing)."""
+        value = (self.spec.records.get("open_set") or {}).get("threshold")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @property
+    def known_score_detector(self) -> str:
+        """The detector the graphs compute as known_score ("" for a repository exported before it existed)."""
+        value = (self.spec.records.get("open_set") or {}).get("detector")
+        return value if isinstance(value, str) else ""
+
     def served(self, model: str | None = None, backend: str | None = None) -> list[ModelEntry]:
         """The models a server loads: the one --model / --backend names, else every model of the repository."""
         if model is None and backend is None:

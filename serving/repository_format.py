@@ -6,7 +6,7 @@
     fmt.directory, fmt.file()           # "lsoftmax_mnist_onnx", "lsoftmax_mnist_onnx/1/model.onnx"
 
 Every graph of a repository takes INPUT (UINT8 [N, *IMAGE_DIMS]) and returns OUTPUTS (FP32 [N, C] and
-[N, D]) in that order. Writers (`python -m export`, bench/loadgen.py tiny-repo) and the server's reader
+[N, D]) in that order, then, in repositories exported since issue 13, OUTPUT_KNOWN_SCORE (FP32 [N]). Writers (`python -m export`, bench/loadgen.py tiny-repo) and the server's reader
 (serving.repository, serving.repository_manifest, serving.repository_config) all take these from here.
 Standard library only: export, bench and the tests import it beside tritonclient.
 """
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["INPUT", "OUTPUT_LOGITS", "OUTPUT_EMBEDDING", "OUTPUTS", "INPUT_DATATYPE", "OUTPUT_DATATYPE",
+__all__ = ["INPUT", "OUTPUT_LOGITS", "OUTPUT_EMBEDDING", "OUTPUT_KNOWN_SCORE", "OUTPUTS", "OPTIONAL_OUTPUTS",
+           "ALL_OUTPUTS", "INPUT_DATATYPE", "OUTPUT_DATATYPE",
            "IMAGE_DIMS", "MODEL_PREFIX", "DEFAULT_VERSION", "MANIFEST_FILE", "CONFIG_FILE", "MANIFEST_FORMAT",
            "MANIFEST_VERSION", "ModelFormat", "FORMATS", "BY_KIND", "BY_BACKEND", "format_named"]
 
@@ -23,7 +24,10 @@ __all__ = ["INPUT", "OUTPUT_LOGITS", "OUTPUT_EMBEDDING", "OUTPUTS", "INPUT_DATAT
 INPUT = "image"
 OUTPUT_LOGITS = "logits"
 OUTPUT_EMBEDDING = "embedding"
-OUTPUTS = (OUTPUT_LOGITS, OUTPUT_EMBEDDING)  # the order every graph and backend returns them in
+OUTPUT_KNOWN_SCORE = "known_score"  # FP32 [N], higher = more digit-like (open-set score; repositories since issue 13)
+OUTPUTS = (OUTPUT_LOGITS, OUTPUT_EMBEDDING)  # what every graph returns, first and in this order
+OPTIONAL_OUTPUTS = (OUTPUT_KNOWN_SCORE,)  # what newer graphs return after them (older repositories lack it)
+ALL_OUTPUTS = OUTPUTS + OPTIONAL_OUTPUTS  # the order of a backend's outputs when the graph has them all
 INPUT_DATATYPE = "UINT8"  # KServe datatype names; config.pbtxt says TYPE_UINT8 / TYPE_FP32
 OUTPUT_DATATYPE = "FP32"
 IMAGE_DIMS = (1, 28, 28)  # one image, without the batch axis

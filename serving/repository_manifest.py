@@ -24,7 +24,8 @@ from typing import Any
 from serving.errors import StartupError
 from serving.repository_format import (BY_BACKEND, DEFAULT_VERSION, IMAGE_DIMS, INPUT, INPUT_DATATYPE,
                                        MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, OUTPUT_DATATYPE,
-                                       OUTPUT_EMBEDDING, OUTPUT_LOGITS, ModelFormat)
+                                       OUTPUT_EMBEDDING, OUTPUT_KNOWN_SCORE, OUTPUT_LOGITS,
+                                       ModelFormat)
 
 __all__ = ["ModelSpec", "TensorSpec", "InputSpec", "RepositoryManifest", "load_manifest", "write_manifest", "read_json"]
 
@@ -62,10 +63,11 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
     @staticmethod
-    def outputs(num_classes: int, embedding_dim: int) -> tuple[TensorSpec, TensorSpec]:
-        """The two outputs every graph of the repository returns, in order."""
+    def outputs(num_classes: int, embedding_dim: int, known_score: bool = False) -> tuple[TensorSpec, ...]:
+        """The outputs every graph of the repository returns, in order (known_score: graphs since issue 13)."""
         return (TensorSpec(OUTPUT_LOGITS, OUTPUT_DATATYPE, (-1, num_classes)),
-                TensorSpec(OUTPUT_EMBEDDING, OUTPUT_DATATYPE, (-1, embedding_dim)))
+                TensorSpec(OUTPUT_EMBEDDING, OUTPUT_DATATYPE, (-1, embedding_dim)),
+                *((TensorSpec(OUTPUT_KNOWN_SCORE, OUTPUT_DATATYPE, (-1,)),) if known_score else ()))
 
 
 @dataclass(frozen=True)

@@ -73,21 +73,26 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         if k > num_classes:
             raise InvalidInput(f"top_k must be between 1 and {num_classes}, got {request.top_k}")
         batch = await self._images(request.images, request.options, context)
-        logits, _ = await runner.infer(batch)
-        probabilities = postprocess.softmax(logits)
+        outputs = await runner.infer(batch)
+        logits = outputs[0]
+        known = outputs[2] if len(outputs) > 2 else None  # graphs exported before issue 13 have no known_score
+        threshold = runner.manifest.known_score_threshold if known is not None else None
+        probabilities = postprocess.softmax(logits / np.float32(runner.manifest.temperature))
         labels, scores = postprocess.top_k(probabilities, k)
         results = []
         for i in range(len(batch)):
             top = [pb.ClassScore(label=int(label), probability=float(p)) for label, p in zip(labels[i], scores[i])]
             results.append(pb.Classification(label=top[0].label, probability=top[0].probability, top_k=top,
                                              logits=logits[i].tolist() if request.return_logits else (),
-                                             model_input=batch[i].tobytes() if request.return_inputs else b""))
+                                             model_input=batch[i].tobytes() if request.return_inputs else b"",
+                                             known_score=float(known[i]) if known is not None else 0.0,
+                                             rejected=threshold is not None and bool(known[i] < threshold)))
         return pb.ClassifyResponse(results=results, model_name=runner.name, model_version=runner.version)
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         runner = self._ready()
         batch = await self._images(request.images, request.options, context)
-        _, embedding = await runner.infer(batch)
+        embedding = (await runner.infer(batch))[1]
         if request.l2_normalize:
             embedding = postprocess.l2_normalize(embedding)
         return pb.EmbedResponse(embeddings=[pb.Embedding(values=row) for row in embedding.tolist()],
@@ -105,4 +110,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
             max_message_bytes=self.limits.max_message_bytes, manifest_json=json.dumps(manifest.raw, sort_keys=True),
             dynamic_batching=batching.enabled, max_batch_size=batching.max_batch_size,
             max_queue_delay_us=batching.max_queue_delay_us, max_queue_size=batching.max_queue_size,
+            temperature=manifest.temperature,
+            known_score_detector=manifest.known_score_detector if backend.has_known_score else "",
+            known_score_threshold=manifest.known_score_threshold if backend.has_known_score else None,
         )

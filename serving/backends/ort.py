@@ -15,7 +15,7 @@ import numpy as np
 from serving.backends.base import Backend
 from serving.errors import StartupError
 from serving.logs import log_event
-from serving.repository_format import BY_KIND, INPUT, OUTPUTS
+from serving.repository_format import BY_KIND, INPUT, OPTIONAL_OUTPUTS, OUTPUTS
 
 __all__ = ["OrtBackend"]
 
@@ -67,11 +67,12 @@ class OrtBackend(Backend):
         if missing:
             raise StartupError(f"{path}: graph lacks output(s) {missing}; it has {outputs}")
         self._input = input_name
-        self._outputs = list(output_names)
+        # known_score (repositories since issue 13) comes third when the graph has it; older graphs serve without.
+        self._outputs = list(output_names) + [name for name in OPTIONAL_OUTPUTS if name in outputs]
+        self.has_known_score = len(self._outputs) > len(output_names)
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, embedding = self._session.run(self._outputs, {self._input: images})
-        return logits.astype(np.float32, copy=False), embedding.astype(np.float32, copy=False)
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(out.astype(np.float32, copy=False) for out in self._session.run(self._outputs, {self._input: images}))
 
     def close(self) -> None:
         self._session = None

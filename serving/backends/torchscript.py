@@ -1,6 +1,7 @@
 """TorchScript backend: `torch.jit.load` of the repository's model.pt, run under inference mode.
 
-The exported module's forward(image uint8 [N, 1, 28, 28]) returns the tuple (logits, embedding).
+The exported module's forward(image uint8 [N, 1, 28, 28]) returns the tuple (logits, embedding, known_score)
+(repositories before issue 13: (logits, embedding)).
 TorchScript is deprecated upstream but is what the repository ships (and what Triton's pytorch backend
 loads), so torch.jit.load's FutureWarning is silenced at load time.
 """
@@ -35,16 +36,17 @@ class TorchScriptBackend(Backend):
         except Exception as exc:
             raise StartupError(f"{path}: cannot load TorchScript module ({str(exc).strip().splitlines()[0]})") from exc
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         torch = self._torch
         if not images.flags.writeable:  # torch.from_numpy warns on read-only buffers
             images = images.copy()
         with torch.inference_mode():
             out = self._module(torch.from_numpy(images).to(self._device))
-            if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                raise RuntimeError(f"TorchScript forward returned {type(out).__name__}; expected (logits, embedding)")
-            logits, embedding = out
-            return logits.float().cpu().numpy(), embedding.float().cpu().numpy()
+            if not (isinstance(out, (tuple, list)) and len(out) in (2, 3)):
+                raise RuntimeError(f"TorchScript forward returned {type(out).__name__}; expected (logits, embedding"
+                                   "[, known_score])")
+            self.has_known_score = len(out) == 3
+            return tuple(t.float().cpu().numpy() for t in out)
 
     def close(self) -> None:
         self._module = None

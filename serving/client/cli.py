@@ -2,7 +2,8 @@
 
     python -m serving.client classify [--server HOST:PORT] [--json] [--top-k K] IMAGE...
         one line per file: FILE<TAB>label<TAB>probability (--json: one list, one object per input, in order:
-        {"file", "label", "probability", "top_k": [{"label", "probability"}, ...]}); --save-inputs DIR also
+        {"file", "label", "probability", "top_k": [{"label", "probability"}, ...], "rejected", "known_score"});
+        a rejected input (not a digit) gets a REJECTED column; --save-inputs DIR also
         writes what the model saw for each file as DIR/NNNNN_NAME.png ("model_input" in --json)
     python -m serving.client embed --input DIR_OR_NPY --output OUT.npy [--batch-size 256] [--concurrency 4]
         a folder of images (searched recursively; a parent folder named 0-9 gives the label) or a uint8 .npy/IDX
@@ -154,7 +155,8 @@ def _classify(client: Client, args) -> int:
             raise CliError(_name_failed_image(err, [str(p) for p in chunk])) from None
         for index, (path, r) in enumerate(zip(chunk, results), start=start):
             rows.append({"file": str(path), "label": r.label, "probability": round(float(r.probability), 6),
-                         "top_k": [{"label": label, "probability": round(float(p), 6)} for label, p in r.top_k]})
+                         "top_k": [{"label": label, "probability": round(float(p), 6)} for label, p in r.top_k],
+                         "rejected": bool(r.rejected), "known_score": round(float(r.known_score), 6)})
             if args.save_inputs is not None:
                 rows[-1]["model_input"] = str(_save_input(args.save_inputs, index, path, r.model_input))
     if args.json:
@@ -164,6 +166,8 @@ def _classify(client: Client, args) -> int:
             line = f"{row['file']}\t{row['label']}\t{row['probability']:.4f}"
             if args.top_k > 1:
                 line += "\t" + " ".join(f"{t['label']}:{t['probability']:.4f}" for t in row["top_k"])
+            if row["rejected"]:
+                line += "\tREJECTED: not a digit (known_score {:.4g})".format(row["known_score"])
             print(line)
     return 0
 
@@ -278,8 +282,9 @@ def _evaluate(client: Client, args) -> int:
     start = time.perf_counter()
     with _progress(len(digits), args.no_progress) as bar:
         try:
-            predicted, _ = client.classify_array(digits, batch_size=args.batch_size, concurrency=args.concurrency,
-                                                 progress=bar.update)
+            predicted, _, rejected = client.classify_array(digits, batch_size=args.batch_size,
+                                                           concurrency=args.concurrency, progress=bar.update,
+                                                           with_rejected=True)
         except grpc.RpcError as err:
             raise CliError(f"{err.code().name}: {err.details()}") from None
     seconds = time.perf_counter() - start
@@ -289,6 +294,7 @@ def _evaluate(client: Client, args) -> int:
         "seconds": round(seconds, 3), "images_per_second": round(len(labels) / seconds, 1) if seconds else None,
         "model": model.get("model_name"), "backend": model.get("backend"), "device": model.get("device"),
         "manifest_test_accuracy": model.get("test_accuracy"),
+        "rejected": int(rejected.sum()), "rejection_rate": 100.0 * float(rejected.mean()) if len(rejected) else 0.0,
     }
     if args.json:
         print(json.dumps(result))
@@ -297,6 +303,7 @@ def _evaluate(client: Client, args) -> int:
                 f"({result['images_per_second']} images/s) from {result['model']} ({result['backend']} on {result['device']})")
         if result["manifest_test_accuracy"] is not None:
             line += f"; manifest test_accuracy {result['manifest_test_accuracy']:.2f}%"
+        line += f"; rejected as not a digit {result['rejection_rate']:.2f}% ({result['rejected']}/{len(labels)})"
         print(line)
     return 0
 

@@ -40,6 +40,8 @@ class Classification:
     top_k: list[tuple[int, float]]
     logits: np.ndarray | None = None
     model_input: np.ndarray | None = None  # uint8 [28, 28] the model was fed (return_inputs=True)
+    rejected: bool = False  # not a digit: known_score below the repository's threshold
+    known_score: float = 0.0  # the graph's open-set score, higher = more digit-like (0: the graph has none)
 
 
 def _array_images(array: np.ndarray) -> list[pb.Image]:
@@ -181,7 +183,8 @@ class Client:
                                top_k=[(s.label, s.probability) for s in r.top_k],
                                logits=np.asarray(r.logits, np.float32) if return_logits else None,
                                model_input=np.frombuffer(r.model_input, np.uint8).reshape(28, 28)
-                               if return_inputs and len(r.model_input) == 784 else None)
+                               if return_inputs and len(r.model_input) == 784 else None,
+                               rejected=r.rejected, known_score=r.known_score)
                 for r in response.results]
 
     def embed(self, images, *, l2_normalize: bool = False, invert: str = "auto", fit: str = "auto",
@@ -228,15 +231,19 @@ class Client:
         return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
 
     def classify_array(self, images: np.ndarray, *, batch_size: int = 256, concurrency: int = 4,
-                       progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [N,28,28] (or [N,784], [N,1,28,28]) → (labels int64 [N], probabilities float32 [N]),
-        sent in batches with `concurrency` requests in flight; progress(n) is called per finished batch."""
-        labels, probabilities = [], []
+                       progress: Callable[[int], None] | None = None,
+                       with_rejected: bool = False) -> tuple[np.ndarray, ...]:
+        """uint8 [N,28,28] (or [N,784], [N,1,28,28]) → (labels int64 [N], probabilities float32 [N]), and with
+        with_rejected also rejected bool [N]; sent in batches with `concurrency` requests in flight; progress(n) is
+        called per finished batch."""
+        labels, probabilities, rejected = [], [], []
         done = (lambda batch, _: progress(len(batch))) if progress else None
         for results in ordered_map(self.classify, self._batches(images, batch_size), concurrency, done):
             labels.extend(r.label for r in results)
             probabilities.extend(r.probability for r in results)
-        return np.asarray(labels, np.int64), np.asarray(probabilities, np.float32)
+            rejected.extend(r.rejected for r in results)
+        out = (np.asarray(labels, np.int64), np.asarray(probabilities, np.float32))
+        return (*out, np.asarray(rejected, bool)) if with_rejected else out
 
     def embed_array(self, images: np.ndarray, *, batch_size: int = 256, concurrency: int = 4,
                     l2_normalize: bool = False, progress: Callable[[int], None] | None = None) -> np.ndarray:

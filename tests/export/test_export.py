@@ -17,6 +17,7 @@ from export.inference_module import build_inference_module
 from export.repository import ExportError, export_repository, sha256_file
 from training.checkpoint import load_checkpoint, rebuild_model
 from training.data import normalize
+from support import synthetic_digits
 
 ONNX_DIR = "lsoftmax_mnist_onnx"
 TS_DIR = "lsoftmax_mnist_torchscript"
@@ -43,7 +44,7 @@ def test_fold_is_exact(tiny_checkpoint):
     inference = build_inference_module(net, ckpt["config"]["normalization"])
     images, labels = _synthetic(32)
     with torch.no_grad():
-        folded_logits, embedding = inference(images)
+        folded_logits, embedding, _ = inference(images)
         x = normalize(images)
         torch.testing.assert_close(folded_logits, net(x), rtol=0, atol=1e-5)
         torch.testing.assert_close(folded_logits, net(x, labels), rtol=0, atol=1e-5)  # eval: no margin
@@ -60,13 +61,14 @@ def test_graphs_match_eager_after_round_trip(repo, tiny_checkpoint, batch):
     inference = build_inference_module(rebuild_model(ckpt), ckpt["config"]["normalization"])
     x = images[:batch]
     with torch.no_grad():
-        ref_logits, ref_emb = (t.numpy() for t in inference(x))
-    ts_logits, ts_emb = (t.numpy() for t in load_torchscript(out / TS_DIR / "1" / "model.pt")(x))
-    ort_logits, ort_emb = load_onnx_session(out / ONNX_DIR / "1" / "model.onnx").run(None, {"image": x.numpy()})
-    assert ts_logits.shape == (batch, 10) and ts_emb.shape == (batch, 128)
-    for logits, emb in ((ts_logits, ts_emb), (ort_logits, ort_emb)):
+        ref_logits, ref_emb, ref_known = (t.numpy() for t in inference(x))
+    ts_logits, ts_emb, ts_known = (t.numpy() for t in load_torchscript(out / TS_DIR / "1" / "model.pt")(x))
+    ort_logits, ort_emb, ort_known = load_onnx_session(out / ONNX_DIR / "1" / "model.onnx").run(None, {"image": x.numpy()})
+    assert ts_logits.shape == (batch, 10) and ts_emb.shape == (batch, 128) and ts_known.shape == (batch,)
+    for logits, emb, known in ((ts_logits, ts_emb, ts_known), (ort_logits, ort_emb, ort_known)):
         assert np.abs(logits - ref_logits).max() <= 1e-4
         assert np.abs(emb - ref_emb).max() <= 1e-4
+        assert np.abs(known - ref_known).max() <= 1e-4
         assert (logits.argmax(1) == ref_logits.argmax(1)).all()
     parity = manifest["parity"]
     assert set(parity["batches"]) == {"bs1", "bs64", "full"}
@@ -86,7 +88,7 @@ def test_onnx_opset_ops_and_uint8_contract(repo):
     assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = inp.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 28, 28]
-    assert [o.name for o in model.graph.output] == ["logits", "embedding"]
+    assert [o.name for o in model.graph.output] == ["logits", "embedding", "known_score"]
     session = load_onnx_session(out / ONNX_DIR / "1" / "model.onnx")
     assert session.get_inputs()[0].type == "tensor(uint8)"
     with pytest.raises(Exception):
@@ -98,8 +100,8 @@ def test_torchscript_loads_without_project_code(repo):
     code = (
         "import sys, torch\n"
         f"m = torch.jit.load({str(out / TS_DIR / '1' / 'model.pt')!r})\n"
-        "logits, emb = m(torch.zeros(3, 1, 28, 28, dtype=torch.uint8))\n"
-        "assert logits.shape == (3, 10) and emb.shape == (3, 128)\n"
+        "logits, emb, known = m(torch.zeros(3, 1, 28, 28, dtype=torch.uint8))\n"
+        "assert logits.shape == (3, 10) and emb.shape == (3, 128) and known.shape == (3,)\n"
         "assert not any(k == 'training' or k.startswith(('training.', 'export')) for k in sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=out)
@@ -134,9 +136,9 @@ def test_config_pbtxt_matches_graph(repo, model_dir, backend, graph):
         ("logits", model_config_pb2.TYPE_FP32, [10]), ("embedding", model_config_pb2.TYPE_FP32, [128])]
     x = torch.zeros(5, 1, 28, 28, dtype=torch.uint8)
     if graph == "onnx":
-        logits, emb = load_onnx_session(out / model_dir / "1" / "model.onnx").run(None, {"image": x.numpy()})
+        logits, emb, _ = load_onnx_session(out / model_dir / "1" / "model.onnx").run(None, {"image": x.numpy()})
     else:
-        logits, emb = (t.numpy() for t in load_torchscript(out / model_dir / "1" / "model.pt")(x))
+        logits, emb, _ = (t.numpy() for t in load_torchscript(out / model_dir / "1" / "model.pt")(x))
     assert [list(logits.shape[1:]), list(emb.shape[1:])] == [list(o.dims) for o in cfg.output]
 
 
@@ -302,3 +304,72 @@ def test_exported_accuracy_must_match_the_checkpoint_within_the_devices_slack(co
     got = recorded - off_by_images * 100.0 / 10_000
     off = accuracy_mismatch({"eager": recorded, "onnxruntime": got}, recorded, config, 10_000)
     assert (off == {}) is ok and "eager" not in off
+
+
+# --- calibration and open-set score (issue 13) ----------------------------------------------------
+
+@pytest.mark.parametrize("detector", ["max_cosine", "mahalanobis"])
+def test_fitted_export_records_temperature_and_threshold_and_graphs_agree(tmp_path, tiny_checkpoint, detector):
+    from export import open_set
+
+    images, labels = synthetic_digits(64, seed=5)
+    images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
+    out = tmp_path / "repo"
+    manifest = export_repository(tiny_checkpoint, out, images=images, labels=labels, fit_images=images,
+                                 fit_labels=labels, detector=detector, accept_rate=0.9, log=lambda *_: None)
+    calibration, record = manifest["calibration"], manifest["open_set"]
+    assert calibration["temperature"] > 0 and calibration["nll_after"] <= calibration["nll_before"] + 1e-9
+    assert (record["detector"], record["accept_rate"], record["output"]) == (detector, 0.9, "known_score")
+    assert record["fit_accepted"] >= 0.9
+    assert {"name": "known_score", "datatype": "FP32", "shape": [-1]} in manifest["outputs"]
+    for runtime in ("torchscript", "onnxruntime"):
+        assert manifest["parity"]["batches"]["full"][runtime]["known_score"] <= 1e-4 * max(
+            1.0, manifest["parity"]["batches"]["full"][runtime]["known_score_scale"])
+    known = load_onnx_session(out / ONNX_DIR / "1" / "model.onnx").run(["known_score"], {"image": images.numpy()})[0]
+    rows = np.arange(64) if detector == "max_cosine" else np.arange(1, 64, 2)  # mahalanobis: thresholded on odd rows
+    assert (known[rows] >= record["threshold"] - 1e-5 * max(1.0, abs(record["threshold"]))).mean() >= 0.9
+    if detector == "max_cosine":
+        logits, embedding = load_onnx_session(out / ONNX_DIR / "1" / "model.onnx").run(
+            ["logits", "embedding"], {"image": images.numpy()})
+        ckpt = load_checkpoint(tiny_checkpoint)
+        weight = rebuild_model(ckpt).head.weight.detach().numpy()
+        assert np.allclose(known, open_set.score("max_cosine", logits, embedding, weight), atol=1e-5)
+
+
+def test_checkpoint_without_held_out_is_exported_unfitted_and_says_so(tmp_path, tiny_checkpoint):
+    images, labels = synthetic_digits(16, seed=2)
+    lines = []
+    manifest = export_repository(tiny_checkpoint, tmp_path / "repo", images=torch.from_numpy(images).unsqueeze(1),
+                                 labels=torch.from_numpy(labels).long(), log=lines.append)
+    assert manifest["calibration"] == {"temperature": 1.0, "fitted_on": None}
+    assert manifest["open_set"]["threshold"] is None
+    assert any("records no held-out images" in line and "--fit-on-training-images" in line for line in lines)
+
+
+def test_open_set_numerics():
+    from export import open_set
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 2000)
+    logits = 3.0 * (rng.normal(size=(2000, 10)) + 2.0 * np.eye(10)[labels])  # too sharp: the best T is near 3
+    t = open_set.fit_temperature(logits, labels)
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 400))
+    assert abs(np.log(t) - np.log(grid[np.argmin([open_set.nll(logits, labels, g) for g in grid])])) < 0.02
+    assert open_set.accept_threshold(np.arange(100.0), 0.99) == 1.0  # 1 of 100 below
+    assert open_set.auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert open_set.auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    assert open_set.fpr_at_tpr(np.arange(100.0), np.array([99.0, -1.0])) == 0.5
+    probs = np.full((4, 2), 0.5)
+    assert open_set.ece(probs, np.array([0, 0, 1, 1])) == pytest.approx(0.0)
+    assert open_set.ece(np.array([[1.0, 0.0]] * 4), np.array([0, 0, 1, 1])) == pytest.approx(0.5)
+
+
+def test_unknown_sets_are_uint8_images_and_deterministic():
+    from export.unknowns import SYNTHETIC_SETS, unknown_sets
+
+    sets = unknown_sets(n=8, seed=1)
+    assert tuple(sets) == SYNTHETIC_SETS
+    for name, array in sets.items():
+        assert array.dtype == np.uint8 and array.shape == (8, 1, 28, 28), name
+    assert sets["letters"].reshape(8, -1).max(1).min() > 0  # every letter has ink
+    assert all(np.array_equal(a, b) for a, b in zip(sets.values(), unknown_sets(n=8, seed=1).values()))

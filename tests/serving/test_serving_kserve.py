@@ -105,7 +105,7 @@ def test_liveness_readiness_and_metadata(triton):
     assert meta["platform"] == "onnxruntime_onnx" and meta["versions"] == ["1"]
     assert meta["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": ["-1", "1", "28", "28"]}]
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
-        ("logits", "FP32", ["-1", "10"]), ("embedding", "FP32", ["-1", "128"])]
+        ("logits", "FP32", ["-1", "10"]), ("embedding", "FP32", ["-1", "128"]), ("known_score", "FP32", ["-1"])]
     assert triton.get_model_metadata(MODELS[1], as_json=True)["platform"] == "pytorch_libtorch"
     with pytest.raises(InferenceServerException) as info:
         triton.get_model_metadata("no_such_model")
@@ -174,7 +174,7 @@ def test_typed_contents_and_version(raw_stub, digits, model_repository, helpers)
     tensor = request.inputs.add(name="image", datatype="UINT8", shape=[2, 1, 28, 28])
     tensor.contents.uint_contents.extend(images.ravel().tolist())
     response = raw_stub.ModelInfer(request, timeout=10)
-    assert [o.name for o in response.outputs] == ["logits", "embedding"]
+    assert [o.name for o in response.outputs] == ["logits", "embedding", "known_score"]
     np.testing.assert_allclose(np.frombuffer(response.raw_output_contents[0], "<f4").reshape(2, 10), logits, atol=1e-5)
     request.model_version = "2"
     with pytest.raises(grpc.RpcError) as info:

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flsoftmax/v1/digit_service.proto\x12\x0blsoftmax.v1\"4\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"R\n\x0cImageOptions\x12#\n\x06invert\x18\x01 \x01(\x0e\x32\x13.lsoftmax.v1.Invert\x12\x1d\n\x03\x66it\x18\x02 \x01(\x0e\x32\x10.lsoftmax.v1.Fit\"\x9e\x01\n\x0f\x43lassifyRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.lsoftmax.v1.Image\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x15\n\rreturn_logits\x18\x03 \x01(\x08\x12*\n\x07options\x18\x04 \x01(\x0b\x32\x19.lsoftmax.v1.ImageOptions\x12\x15\n\rreturn_inputs\x18\x05 \x01(\x08\"0\n\nClassScore\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\x81\x01\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12&\n\x05top_k\x18\x03 \x03(\x0b\x32\x17.lsoftmax.v1.ClassScore\x12\x0e\n\x06logits\x18\x04 \x03(\x02\x12\x13\n\x0bmodel_input\x18\x07 \x01(\x0c\"k\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.lsoftmax.v1.Classification\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"t\n\x0c\x45mbedRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.lsoftmax.v1.Image\x12\x14\n\x0cl2_normalize\x18\x02 \x01(\x08\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.lsoftmax.v1.ImageOptions\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"s\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.lsoftmax.v1.Embedding\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xbf\x03\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0b\n\x03net\x18\x03 \x01(\t\x12\x0e\n\x06margin\x18\x04 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\x12\x15\n\rembedding_dim\x18\x06 \x01(\x05\x12\x1a\n\rtest_accuracy\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x16\n\x0eonnx_providers\x18\x0b \x03(\t\x12\x1e\n\x16max_images_per_request\x18\x0c \x01(\x05\x12\x19\n\x11max_message_bytes\x18\r \x01(\x05\x12\x15\n\rmanifest_json\x18\x0e \x01(\t\x12\x18\n\x10\x64ynamic_batching\x18\x0f \x01(\x08\x12\x16\n\x0emax_batch_size\x18\x10 \x01(\x05\x12\x1a\n\x12max_queue_delay_us\x18\x11 \x01(\x03\x12\x16\n\x0emax_queue_size\x18\x12 \x01(\x05\x42\x10\n\x0e_test_accuracy*>\n\x06Invert\x12\x0f\n\x0bINVERT_AUTO\x10\x00\x12\x10\n\x0cINVERT_NEVER\x10\x01\x12\x11\n\rINVERT_ALWAYS\x10\x02*2\n\x03\x46it\x12\x0c\n\x08\x46IT_AUTO\x10\x00\x12\r\n\tFIT_DIGIT\x10\x01\x12\x0e\n\nFIT_RESIZE\x10\x02\x32\xec\x01\n\x0c\x44igitService\x12G\n\x08\x43lassify\x12\x1c.lsoftmax.v1.ClassifyRequest\x1a\x1d.lsoftmax.v1.ClassifyResponse\x12>\n\x05\x45mbed\x12\x19.lsoftmax.v1.EmbedRequest\x1a\x1a.lsoftmax.v1.EmbedResponse\x12S\n\x0cGetModelInfo\x12 .lsoftmax.v1.GetModelInfoRequest\x1a!.lsoftmax.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flsoftmax/v1/digit_service.proto\x12\x0blsoftmax.v1\"4\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06pixels\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"R\n\x0cImageOptions\x12#\n\x06invert\x18\x01 \x01(\x0e\x32\x13.lsoftmax.v1.Invert\x12\x1d\n\x03\x66it\x18\x02 \x01(\x0e\x32\x10.lsoftmax.v1.Fit\"\x9e\x01\n\x0f\x43lassifyRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.lsoftmax.v1.Image\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x15\n\rreturn_logits\x18\x03 \x01(\x08\x12*\n\x07options\x18\x04 \x01(\x0b\x32\x19.lsoftmax.v1.ImageOptions\x12\x15\n\rreturn_inputs\x18\x05 \x01(\x08\"0\n\nClassScore\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\xa8\x01\n\x0e\x43lassification\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12&\n\x05top_k\x18\x03 \x03(\x0b\x32\x17.lsoftmax.v1.ClassScore\x12\x0e\n\x06logits\x18\x04 \x03(\x02\x12\x10\n\x08rejected\x18\x05 \x01(\x08\x12\x13\n\x0bknown_score\x18\x06 \x01(\x02\x12\x13\n\x0bmodel_input\x18\x07 \x01(\x0c\"k\n\x10\x43lassifyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.lsoftmax.v1.Classification\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"t\n\x0c\x45mbedRequest\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.lsoftmax.v1.Image\x12\x14\n\x0cl2_normalize\x18\x02 \x01(\x08\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.lsoftmax.v1.ImageOptions\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"s\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.lsoftmax.v1.Embedding\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xb0\x04\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0b\n\x03net\x18\x03 \x01(\t\x12\x0e\n\x06margin\x18\x04 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\x12\x15\n\rembedding_dim\x18\x06 \x01(\x05\x12\x1a\n\rtest_accuracy\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x16\n\x0eonnx_providers\x18\x0b \x03(\t\x12\x1e\n\x16max_images_per_request\x18\x0c \x01(\x05\x12\x19\n\x11max_message_bytes\x18\r \x01(\x05\x12\x15\n\rmanifest_json\x18\x0e \x01(\t\x12\x18\n\x10\x64ynamic_batching\x18\x0f \x01(\x08\x12\x16\n\x0emax_batch_size\x18\x10 \x01(\x05\x12\x1a\n\x12max_queue_delay_us\x18\x11 \x01(\x03\x12\x16\n\x0emax_queue_size\x18\x12 \x01(\x05\x12\x13\n\x0btemperature\x18\x13 \x01(\x01\x12\x1c\n\x14known_score_detector\x18\x14 \x01(\t\x12\"\n\x15known_score_threshold\x18\x15 \x01(\x01H\x01\x88\x01\x01\x42\x10\n\x0e_test_accuracyB\x18\n\x16_known_score_threshold*>\n\x06Invert\x12\x0f\n\x0bINVERT_AUTO\x10\x00\x12\x10\n\x0cINVERT_NEVER\x10\x01\x12\x11\n\rINVERT_ALWAYS\x10\x02*2\n\x03\x46it\x12\x0c\n\x08\x46IT_AUTO\x10\x00\x12\r\n\tFIT_DIGIT\x10\x01\x12\x0e\n\nFIT_RESIZE\x10\x02\x32\xec\x01\n\x0c\x44igitService\x12G\n\x08\x43lassify\x12\x1c.lsoftmax.v1.ClassifyRequest\x1a\x1d.lsoftmax.v1.ClassifyResponse\x12>\n\x05\x45mbed\x12\x19.lsoftmax.v1.EmbedRequest\x1a\x1a.lsoftmax.v1.EmbedResponse\x12S\n\x0cGetModelInfo\x12 .lsoftmax.v1.GetModelInfoRequest\x1a!.lsoftmax.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lsoftmax.v1.digit_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INVERT']._serialized_start=1375
-  _globals['_INVERT']._serialized_end=1437
-  _globals['_FIT']._serialized_start=1439
-  _globals['_FIT']._serialized_end=1489
+  _globals['_INVERT']._serialized_start=1527
+  _globals['_INVERT']._serialized_end=1589
+  _globals['_FIT']._serialized_start=1591
+  _globals['_FIT']._serialized_end=1641
   _globals['_IMAGE']._serialized_start=48
   _globals['_IMAGE']._serialized_end=100
   _globals['_IMAGEOPTIONS']._serialized_start=102
@@ -44,19 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSSCORE']._serialized_start=347
   _globals['_CLASSSCORE']._serialized_end=395
   _globals['_CLASSIFICATION']._serialized_start=398
-  _globals['_CLASSIFICATION']._serialized_end=527
-  _globals['_CLASSIFYRESPONSE']._serialized_start=529
-  _globals['_CLASSIFYRESPONSE']._serialized_end=636
-  _globals['_EMBEDREQUEST']._serialized_start=638
-  _globals['_EMBEDREQUEST']._serialized_end=754
-  _globals['_EMBEDDING']._serialized_start=756
-  _globals['_EMBEDDING']._serialized_end=783
-  _globals['_EMBEDRESPONSE']._serialized_start=785
-  _globals['_EMBEDRESPONSE']._serialized_end=900
-  _globals['_GETMODELINFOREQUEST']._serialized_start=902
-  _globals['_GETMODELINFOREQUEST']._serialized_end=923
-  _globals['_GETMODELINFORESPONSE']._serialized_start=926
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1373
-  _globals['_DIGITSERVICE']._serialized_start=1492
-  _globals['_DIGITSERVICE']._serialized_end=1728
+  _globals['_CLASSIFICATION']._serialized_end=566
+  _globals['_CLASSIFYRESPONSE']._serialized_start=568
+  _globals['_CLASSIFYRESPONSE']._serialized_end=675
+  _globals['_EMBEDREQUEST']._serialized_start=677
+  _globals['_EMBEDREQUEST']._serialized_end=793
+  _globals['_EMBEDDING']._serialized_start=795
+  _globals['_EMBEDDING']._serialized_end=822
+  _globals['_EMBEDRESPONSE']._serialized_start=824
+  _globals['_EMBEDRESPONSE']._serialized_end=939
+  _globals['_GETMODELINFOREQUEST']._serialized_start=941
+  _globals['_GETMODELINFOREQUEST']._serialized_end=962
+  _globals['_GETMODELINFORESPONSE']._serialized_start=965
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1525
+  _globals['_DIGITSERVICE']._serialized_start=1644
+  _globals['_DIGITSERVICE']._serialized_end=1880
 # @@protoc_insertion_point(module_scope)

@@ -64,18 +64,22 @@ class ClassScore(_message.Message):
     def __init__(self, label: _Optional[int] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Classification(_message.Message):
-    __slots__ = ("label", "probability", "top_k", "logits", "model_input")
+    __slots__ = ("label", "probability", "top_k", "logits", "rejected", "known_score", "model_input")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_SCORE_FIELD_NUMBER: _ClassVar[int]
     MODEL_INPUT_FIELD_NUMBER: _ClassVar[int]
     label: int
     probability: float
     top_k: _containers.RepeatedCompositeFieldContainer[ClassScore]
     logits: _containers.RepeatedScalarFieldContainer[float]
+    rejected: bool
+    known_score: float
     model_input: bytes
-    def __init__(self, label: _Optional[int] = ..., probability: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., logits: _Optional[_Iterable[float]] = ..., model_input: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, label: _Optional[int] = ..., probability: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., logits: _Optional[_Iterable[float]] = ..., rejected: _Optional[bool] = ..., known_score: _Optional[float] = ..., model_input: _Optional[bytes] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("results", "model_name", "model_version")
@@ -120,7 +124,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "net", "margin", "num_classes", "embedding_dim", "test_accuracy", "model_sha256", "backend", "device", "onnx_providers", "max_images_per_request", "max_message_bytes", "manifest_json", "dynamic_batching", "max_batch_size", "max_queue_delay_us", "max_queue_size")
+    __slots__ = ("model_name", "model_version", "net", "margin", "num_classes", "embedding_dim", "test_accuracy", "model_sha256", "backend", "device", "onnx_providers", "max_images_per_request", "max_message_bytes", "manifest_json", "dynamic_batching", "max_batch_size", "max_queue_delay_us", "max_queue_size", "temperature", "known_score_detector", "known_score_threshold")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NET_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +143,9 @@ class GetModelInfoResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_SCORE_DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     net: str
@@ -157,4 +164,7 @@ class GetModelInfoResponse(_message.Message):
     max_batch_size: int
     max_queue_delay_us: int
     max_queue_size: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., net: _Optional[str] = ..., margin: _Optional[int] = ..., num_classes: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., model_sha256: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., onnx_providers: _Optional[_Iterable[str]] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., manifest_json: _Optional[str] = ..., dynamic_batching: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
+    temperature: float
+    known_score_detector: str
+    known_score_threshold: float
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., net: _Optional[str] = ..., margin: _Optional[int] = ..., num_classes: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., model_sha256: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., onnx_providers: _Optional[_Iterable[str]] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., manifest_json: _Optional[str] = ..., dynamic_batching: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., temperature: _Optional[float] = ..., known_score_detector: _Optional[str] = ..., known_score_threshold: _Optional[float] = ...) -> None: ...
