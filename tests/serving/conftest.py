@@ -81,7 +81,7 @@ def reference_outputs(repository: Path, kind: str, images: np.ndarray) -> tuple[
 
     module = torch.jit.load(str(repository / "lsoftmax_mnist_torchscript/1/model.pt"), map_location="cpu").eval()
     with torch.inference_mode():
-        logits, embedding = module(torch.from_numpy(batch))
+        logits, embedding = module(torch.from_numpy(batch))[:2]
     return logits.numpy(), embedding.numpy()
 
 

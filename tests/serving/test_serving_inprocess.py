@@ -33,7 +33,7 @@ TOKEN = "in-process-token"
 
 class FakeBackend:
     """logits = one-hot of (mean pixel // 26) scaled by 5, embedding = [mean, max]; or an exception."""
-    kind, device, providers = "fake", "cpu", ()
+    kind, device, providers, has_known_score = "fake", "cpu", (), False
 
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
