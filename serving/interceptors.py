@@ -4,12 +4,13 @@ Every call passes through BoundaryInterceptor:
 1. With a token configured (serving.security.TokenAuth), a call without `authorization: Bearer <token>`
    gets UNAUTHENTICATED before any handler runs; health checks stay open.
 2. Unary calls run inside a wrapper that turns serving.errors types (or anything else, a bug) into the status
-   `serving.errors.status_for` names, logs unexpected ones with their traceback, charges inference calls to
-   their model's Prometheus counters (serving.metrics: success, failure by reason, duration), and writes one
-   structured debug line per request (method, status, images, milliseconds, peer).
-3. The wrapper also counts calls in flight, until their status is sent, for graceful shutdown (Drain): once the server starts draining,
-   new calls (health checks excepted) get UNAVAILABLE "shutting down" at once, which clients retry elsewhere,
-   instead of being cancelled by gRPC's shutdown while they wait to be picked up.
+   `serving.errors.status_for` names, logs unexpected ones with their traceback, records the outcome and
+   duration on the counters of the model the servicer charged the call to (serving.metrics.charge: only
+   inference calls on a loaded model are charged), and writes one structured debug line per request (method,
+   status, images, milliseconds, peer).
+3. The wrapper also counts calls in flight, until their status is sent, for graceful shutdown (Drain): once
+   the server starts draining, new calls (health checks excepted) get UNAVAILABLE "shutting down" at once,
+   which clients retry elsewhere, instead of being cancelled by gRPC's shutdown while they wait to be picked up.
 Streaming calls (health Watch, reflection) pass through untouched after step 1. Wrapped handlers are cached
 per method, so the per-call cost is a dict lookup, a clock read and a few integer additions.
 """
@@ -20,21 +21,17 @@ import asyncio
 import inspect
 import logging
 import time
-from typing import Callable
 
 import grpc
 
 from serving.errors import NotReady, Overloaded, ServingError, Unauthenticated, status_for
 from serving.logs import log_event
-from serving.metrics import ModelStats
+from serving.metrics import charged
 from serving.security import TokenAuth
 
-__all__ = ["BoundaryInterceptor", "Drain", "StatsLookup"]
+__all__ = ["BoundaryInterceptor", "Drain"]
 
 logger = logging.getLogger("serving.rpc")
-
-# (method, request) → the model's counters, or None for calls that are not inference on a known model.
-StatsLookup = Callable[[str, object], "ModelStats | None"]
 
 
 def _count_images(request) -> int | None:
@@ -103,10 +100,8 @@ class Drain:
 
 
 class BoundaryInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, auth: TokenAuth | None = None, stats_for: StatsLookup | None = None,
-                 drain: Drain | None = None) -> None:
+    def __init__(self, auth: TokenAuth | None = None, drain: Drain | None = None) -> None:
         self._auth = auth
-        self._stats_for = stats_for or (lambda method, request: None)
         self.drain = drain or Drain()
         self._cache: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._denied: dict[str, grpc.RpcMethodHandler] = {}
@@ -125,7 +120,7 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, handler.unary_unary, self._stats_for, self.drain),
+            self._wrap(method, handler.unary_unary, self.drain),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -149,7 +144,7 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
         return denied
 
     @staticmethod
-    def _wrap(method: str, behavior, stats_for: StatsLookup, drain: Drain):
+    def _wrap(method: str, behavior, drain: Drain):
         refusable = not TokenAuth.public(method)
 
         async def call(request, context):
@@ -175,7 +170,7 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
                     logger.exception("unhandled exception in %s", method, extra={"fields": {"method": method}})
             finally:  # accounted before the answer leaves, so a client that got it sees it in the metrics
                 elapsed = time.perf_counter_ns() - start
-                stats = stats_for(method, request)
+                stats = charged()  # the model the servicer charged this call to (inference calls only)
                 if stats is not None:
                     stats.record_request(None if code == grpc.StatusCode.OK else _failure_reason(error, code), elapsed)
                 if logger.isEnabledFor(logging.DEBUG):

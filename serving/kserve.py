@@ -24,6 +24,7 @@ from serving._proto.inference import grpc_service_pb2 as pb
 from serving._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from serving._proto.inference import model_config_pb2 as mc
 from serving.errors import InvalidInput, LimitExceeded, NotFound, NotReady
+from serving.metrics import charge
 from serving.model_config import effective_config
 from serving.repository import Manifest, ModelEntry
 from serving.repository_format import ALL_OUTPUTS, IMAGE_DIMS, INPUT_DATATYPE, OUTPUT_DATATYPE, OUTPUTS
@@ -156,6 +157,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         runner = self._runner(request.model_name, request.model_version)
+        charge(runner.stats)
         images = self._images(request)
         names = ALL_OUTPUTS if runner.backend.has_known_score else OUTPUTS
         wanted = self._wanted(request, runner.name, names)

@@ -29,6 +29,7 @@ scrape config), as every gRPC call but health does.
 from __future__ import annotations
 
 import bisect
+import contextvars
 import socket
 import ssl
 import threading
@@ -40,7 +41,7 @@ from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, Histogr
 
 from serving.errors import StartupError
 
-__all__ = ["ModelStats", "MetricsServer", "REASONS", "BATCH_BUCKETS", "LATENCY_BUCKETS"]
+__all__ = ["ModelStats", "MetricsServer", "charge", "charged", "REASONS", "BATCH_BUCKETS", "LATENCY_BUCKETS"]
 
 REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -102,6 +103,20 @@ class ModelStats:
         self.queue_duration_ns += queue_ns
         self.compute_infer_duration_ns += compute_ns * requests
         self.batch_size.observe(images)
+
+
+_CHARGED: contextvars.ContextVar["ModelStats | None"] = contextvars.ContextVar("charged_model", default=None)
+
+
+def charge(stats: ModelStats) -> None:
+    """Called by a servicer once it knows which model an inference call is for: the RPC boundary records the
+    call's outcome and duration on that model's counters (each call runs in its own task and context)."""
+    _CHARGED.set(stats)
+
+
+def charged() -> ModelStats | None:
+    """The model the current call was charged to, if any (read by the RPC boundary when the call ends)."""
+    return _CHARGED.get()
 
 
 _COUNTERS = (

@@ -48,7 +48,6 @@ from serving.errors import StartupError, UsageError
 from serving.health import SERVING, HealthServicer
 from serving.images import configure_pillow
 from serving.interceptors import BoundaryInterceptor, Drain
-from serving.kserve import INFER_METHOD as KSERVE_INFER_METHOD
 from serving.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from serving.kserve import KServeServicer
 from serving.logs import configure_logging, log_event
@@ -69,7 +68,6 @@ logger = logging.getLogger("serving")
 # be told UNAVAILABLE "shutting down") even on a busy machine; a call that reached gRPC after stop() began would
 # be CANCELLED instead. 0.1 s lost calls under 64 clients on a loaded 2-core machine.
 DRAIN_QUIET_S = 0.5
-TYPED_INFER_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in ("Classify", "Embed"))
 
 
 def _load(entry: ModelEntry, manifest: Manifest, device: str, warmup_batch: int, batching: BatchingConfig,
@@ -195,17 +193,10 @@ class _App:
 
 def _build(args: argparse.Namespace, plan: _Plan) -> _App:
     """Step 2: the gRPC server with its interceptor and services (not yet bound)."""
-    stats = {e.name: ModelStats(e.name, e.version) for e in plan.served}
-    typed_stats = stats[plan.typed_model.name]
-
-    def stats_for(method: str, request) -> ModelStats | None:
-        if method == KSERVE_INFER_METHOD:
-            return stats.get(request.model_name)
-        return typed_stats if method in TYPED_INFER_METHODS else None
-
+    stats = {e.name: ModelStats(e.name, e.version) for e in plan.served}  # servicers charge calls to these
     drain = Drain()
     server = grpc.aio.server(
-        interceptors=[BoundaryInterceptor(TokenAuth(plan.token) if plan.token else None, stats_for, drain)],
+        interceptors=[BoundaryInterceptor(TokenAuth(plan.token) if plan.token else None, drain)],
         options=[("grpc.max_receive_message_length", args.max_message_bytes),
                  ("grpc.max_send_message_length", -1),
                  ("grpc.so_reuseport", 0)],  # a busy port is an error, not a silently shared one

@@ -21,6 +21,7 @@ from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
 from serving.errors import InvalidInput, LimitExceeded, NotReady
 from serving.decode_queue import Decoder
 from serving.images import DEFAULT_MAX_IMAGE_PIXELS, Invert, all_raw, decode_batch, options
+from serving.metrics import charge
 from serving.runner import ModelRunner
 
 __all__ = ["DigitServicer", "Limits", "SERVICE_NAME"]
@@ -68,6 +69,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         runner = self._ready()
+        charge(runner.stats)
         num_classes = runner.manifest.num_classes
         k = request.top_k or 1
         if k > num_classes:
@@ -91,6 +93,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         runner = self._ready()
+        charge(runner.stats)
         batch = await self._images(request.images, request.options, context)
         embedding = (await runner.infer(batch))[1]
         if request.l2_normalize:

@@ -74,9 +74,7 @@ async def _serve(tmp_path, scenario, *, token: str | None = None, fail: bool = F
     runners = {entry.name: ModelRunner(backend, entry, manifest, BatchingConfig(max_batch_size=4), stats)} \
         if ready else {}
     drain = Drain()
-    server = grpc.aio.server(interceptors=[BoundaryInterceptor(
-        TokenAuth(token) if token else None, lambda method, request: stats if "DigitService" in method else None,
-        drain)])
+    server = grpc.aio.server(interceptors=[BoundaryInterceptor(TokenAuth(token) if token else None, drain)])
     decoder = Decoder(threads=1)
     pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(runners, entry.name, limits, decoder), server)
     health = HealthServicer([SERVICE_NAME])
