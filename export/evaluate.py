@@ -1,0 +1,203 @@
+"""`python -m export.evaluate REPO`: how well the exported graph tells digits from non-digits, and its calibration.
+
+    python -m export.evaluate model_repository [--count 2000] [--json] [--no-fashion]
+
+Runs REPO's ONNX graph in-process (onnxruntime, CPU) on the MNIST test digits (the known set) and on each unknown
+set of export.unknowns (uniform noise, Gaussian noise, blank/near-blank, rendered letters, Fashion-MNIST's test
+images when Debian's package can be had; one line says so when not). Per unknown set and per score (MSP at the
+manifest's temperature, max logit, max cosine, and the shipped `known_score`): AUROC (known vs unknown), FPR at
+95% TPR, and, for the shipped score, the rejection rate at the manifest's threshold. On the test digits: accuracy,
+acceptance at the threshold, ECE (15 bins) at temperature 1 and at the manifest's temperature. Nothing here is fitted:
+the temperature, detector and threshold are read from manifest.json.
+
+    report = evaluate_repository(REPO, known_images, known_labels, {"letters": uint8 [N, 1, 28, 28], ...})
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from export import open_set
+
+__all__ = ["SCORES", "evaluate_repository", "classifier_weight", "format_report", "main"]
+
+SCORES = ("msp", "max_logit", "max_cosine", "known_score")  # known_score: the shipped detector, from the graph
+BATCH = 1000
+
+
+def classifier_weight(model_path: Path) -> np.ndarray:
+    """W [C, D] of the graph's last layer (logits = embedding @ W^T): the initializer the MatMul producing
+    `logits` multiplies the embedding by."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if "logits" in node.output and node.op_type in ("MatMul", "Gemm"):
+            name = next((n for n in node.input if n in inits), None)
+            if name is not None:
+                w = numpy_helper.to_array(inits[name])
+                transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+                return w if transposed else w.T
+    raise ValueError(f"{model_path}: no MatMul/Gemm with a constant weight produces `logits`")
+
+
+def _run(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    names = [o.name for o in session.get_outputs()]
+    wanted = [n for n in ("logits", "embedding", "known_score") if n in names]
+    parts = [session.run(wanted, {"image": np.ascontiguousarray(images[i:i + BATCH])})
+             for i in range(0, len(images), BATCH)]
+    outs = [np.concatenate([p[k] for p in parts]) for k in range(len(wanted))]
+    return outs[0], outs[1], (outs[2] if len(outs) > 2 else None)
+
+
+def _scores(session, weight: np.ndarray, temperature: float, images: np.ndarray) -> tuple[dict, np.ndarray]:
+    logits, embedding, known = _run(session, images)
+    scores = {name: open_set.score(name, logits, embedding, weight, temperature)
+              for name in ("msp", "max_logit", "max_cosine")}
+    if known is not None:
+        scores["known_score"] = known.astype(np.float64)
+    return scores, logits
+
+
+def evaluate_repository(repo: str | Path, known_images: np.ndarray, known_labels: np.ndarray,
+                        unknowns: dict[str, np.ndarray], notes: list[str] | None = None) -> dict:
+    """The report (a JSON-ready dict) for REPO on these known (labelled digits) and unknown image sets."""
+    from export.graphs import load_onnx_session
+    from serving.repository_manifest import load_manifest
+
+    repo = Path(repo)
+    manifest = load_manifest(repo / "manifest.json")
+    onnx_name = next((name for name, spec in manifest.models.items() if spec.format.kind == "onnx"), None)
+    if onnx_name is None:
+        raise ValueError(f"{repo}: the repository has no ONNX model to evaluate")
+    model_path = repo / manifest.models[onnx_name].file
+    calibration = manifest.records.get("calibration") or {}
+    record = manifest.records.get("open_set") or {}
+    temperature = float(calibration.get("temperature") or 1.0)
+    threshold = record.get("threshold")
+    session = load_onnx_session(model_path)
+    weight = classifier_weight(model_path)
+
+    known_labels = np.asarray(known_labels, np.int64)
+    known, logits = _scores(session, weight, temperature, np.asarray(known_images, np.uint8))
+    has_known_score = "known_score" in known
+    predicted = logits.argmax(axis=1)
+    digits = {
+        "count": int(len(known_labels)),
+        "accuracy": float((predicted == known_labels).mean()),
+        "ece_before": open_set.ece(open_set.softmax(logits), known_labels),
+        "ece_after": open_set.ece(open_set.softmax(logits, temperature), known_labels),
+        "mean_confidence_before": float(open_set.softmax(logits).max(axis=1).mean()),
+        "mean_confidence_after": float(open_set.softmax(logits, temperature).max(axis=1).mean()),
+    }
+    if has_known_score and threshold is not None:
+        accepted = known["known_score"] >= threshold
+        digits["accepted"] = float(accepted.mean())
+        digits["accuracy_of_accepted"] = float((predicted[accepted] == known_labels[accepted]).mean()) \
+            if accepted.any() else None
+    sets = {}
+    for name, images in unknowns.items():
+        scores, _ = _scores(session, weight, temperature, np.asarray(images, np.uint8))
+        per_score = {}
+        for score_name in SCORES:
+            if score_name not in scores:
+                continue
+            entry = {"auroc": open_set.auroc(known[score_name], scores[score_name]),
+                     "fpr_at_95_tpr": open_set.fpr_at_tpr(known[score_name], scores[score_name], 0.95)}
+            if score_name == "known_score" and threshold is not None:
+                entry["rejected"] = float((scores[score_name] < threshold).mean())
+            per_score[score_name] = entry
+        sets[name] = {"count": int(len(images)), "scores": per_score}
+    return {
+        "repository": str(repo), "model": onnx_name, "net": manifest.net, "margin": manifest.margin,
+        "temperature": temperature, "detector": record.get("detector") if has_known_score else None,
+        "threshold": threshold if has_known_score else None, "accept_rate": record.get("accept_rate"),
+        "digits": digits, "unknown_sets": sets, "notes": list(notes or []),
+    }
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+def format_report(report: dict) -> str:
+    """The report as text: a header, the digit figures, one table row per (unknown set, score)."""
+    d = report["digits"]
+    lines = [f"{report['repository']} ({report['model']}, net {report['net']}, m={report['margin']}): "
+             f"temperature {report['temperature']:.4g}, known_score = {report['detector'] or 'absent'}"
+             + (f" >= {report['threshold']:.6g}" if report["threshold"] is not None else " (no threshold)"),
+             f"MNIST test digits ({d['count']}): accuracy {_pct(d['accuracy'])}, accepted {_pct(d.get('accepted'))}"
+             f" (accuracy of accepted {_pct(d.get('accuracy_of_accepted'))}), "
+             f"ECE(15 bins) {_pct(d['ece_before'])} at T=1 -> {_pct(d['ece_after'])} at T={report['temperature']:.4g}, "
+             f"mean confidence {_pct(d['mean_confidence_before'])} -> {_pct(d['mean_confidence_after'])}",
+             "",
+             f"{'unknown set':<16} {'n':>6}  {'score':<12} {'AUROC':>7} {'FPR@95TPR':>10} {'rejected':>9}"]
+    for name, entry in report["unknown_sets"].items():
+        for score_name, s in entry["scores"].items():
+            lines.append(f"{name:<16} {entry['count']:>6}  {score_name:<12} {s['auroc']:>7.4f} "
+                         f"{100 * s['fpr_at_95_tpr']:>9.2f}% {_pct(s.get('rejected')) if 'rejected' in s else '—':>9}")
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+def _known_set(args) -> tuple[np.ndarray, np.ndarray]:
+    from training.data import load_split, prepare_mnist
+
+    images, labels = load_split(prepare_mnist(args.data_dir, cache_dir=args.cache_dir), train=False)
+    return images.numpy(), labels.numpy()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.evaluate", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("repository", help="a model repository written by python -m export")
+    p.add_argument("--count", type=int, default=2000, help="images per synthetic unknown set")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic unknown sets")
+    p.add_argument("--no-fashion", action="store_true", help="leave Fashion-MNIST out (no fetch attempted)")
+    p.add_argument("--data-dir", default=None, help="torchvision-layout MNIST root (the known digits)")
+    p.add_argument("--cache-dir", default=None, help="MNIST cache root")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def main(argv=None) -> int:
+    from export.unknowns import fashion_mnist, unknown_sets
+    from serving.errors import StartupError
+    from training.data import DataError
+
+    args = get_args_parser().parse_args(argv)
+    if args.count < 1:
+        print(f"error: --count must be >= 1, got {args.count}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    notes: list[str] = []
+    try:
+        known_images, known_labels = _known_set(args)
+        unknowns = unknown_sets(args.count, args.seed)
+        if args.no_fashion:
+            notes.append("Fashion-MNIST left out (--no-fashion)")
+        else:
+            fashion = fashion_mnist(log=notes.append)
+            if fashion is None:
+                notes.append("Fashion-MNIST not measured: Debian's dataset-fashion-mnist package could not be had")
+            else:
+                unknowns["fashion_mnist"] = fashion
+        report = evaluate_repository(args.repository, known_images, known_labels, unknowns, notes)
+    except (StartupError, DataError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

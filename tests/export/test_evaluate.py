@@ -1,0 +1,107 @@
+"""export.evaluate on the tiny exported repository with small generated sets: the report's figures are the
+open_set functions applied to the ONNX graph's outputs, the threshold and temperature are the manifest's."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.repository import export_repository
+from support import synthetic_digits
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def fitted_repo(tmp_path_factory, tiny_checkpoint):
+    images, labels = synthetic_digits(64, seed=5)
+    images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
+    out = tmp_path_factory.mktemp("evaluate") / "repo"
+    manifest = export_repository(tiny_checkpoint, out, images=images, labels=labels, fit_images=images,
+                                 fit_labels=labels, detector="max_cosine", accept_rate=0.9, log=lambda *_: None)
+    return out, manifest
+
+
+def test_classifier_weight_is_the_checkpoints(fitted_repo, tiny_checkpoint):
+    from export.evaluate import classifier_weight
+    from training.checkpoint import load_checkpoint, rebuild_model
+
+    out, _ = fitted_repo
+    weight = classifier_weight(out / "lsoftmax_mnist_onnx" / "1" / "model.onnx")
+    expected = rebuild_model(load_checkpoint(tiny_checkpoint)).head.weight.detach().numpy()
+    assert weight.shape == expected.shape and np.allclose(weight, expected, atol=1e-6)
+
+
+def test_report_figures(fitted_repo):
+    from export import open_set
+    from export.evaluate import SCORES, evaluate_repository, format_report
+    from export.unknowns import unknown_sets
+
+    out, manifest = fitted_repo
+    known, labels = synthetic_digits(48, seed=9)
+    known = known[:, None]
+    unknowns = unknown_sets(n=12, seed=3)
+    report = evaluate_repository(out, known, labels, unknowns, notes=["Fashion-MNIST left out"])
+    assert report["temperature"] == pytest.approx(manifest["calibration"]["temperature"])
+    assert (report["detector"], report["threshold"]) == ("max_cosine", manifest["open_set"]["threshold"])
+    assert set(report["unknown_sets"]) == set(unknowns)
+    for entry in report["unknown_sets"].values():
+        assert entry["count"] == 12 and tuple(entry["scores"]) == SCORES
+        for s in entry["scores"].values():
+            assert 0.0 <= s["auroc"] <= 1.0 and 0.0 <= s["fpr_at_95_tpr"] <= 1.0
+        shipped = entry["scores"]["known_score"]
+        assert 0.0 <= shipped["rejected"] <= 1.0
+        assert shipped["auroc"] == pytest.approx(entry["scores"]["max_cosine"]["auroc"], abs=1e-6)  # same detector
+    digits = report["digits"]
+    assert digits["count"] == 48 and 0.0 <= digits["accepted"] <= 1.0 and 0.0 <= digits["accuracy"] <= 1.0
+
+    # the same figures by hand from the graph's outputs
+    from export.graphs import load_onnx_session
+
+    session = load_onnx_session(out / "lsoftmax_mnist_onnx" / "1" / "model.onnx")
+    logits, _, k_known = session.run(None, {"image": known})
+    _, _, k_noise = session.run(None, {"image": unknowns["uniform_noise"]})
+    t, threshold = manifest["calibration"]["temperature"], manifest["open_set"]["threshold"]
+    noise = report["unknown_sets"]["uniform_noise"]["scores"]["known_score"]
+    assert noise["auroc"] == pytest.approx(open_set.auroc(k_known, k_noise))
+    assert noise["rejected"] == pytest.approx((k_noise < threshold).mean())
+    assert digits["accepted"] == pytest.approx((k_known >= threshold).mean())
+    assert digits["ece_after"] == pytest.approx(open_set.ece(open_set.softmax(logits, t), labels))
+    assert digits["accuracy"] == pytest.approx((logits.argmax(1) == labels).mean())
+    text = format_report(report)
+    assert "uniform_noise" in text and "known_score" in text and "note: Fashion-MNIST left out" in text
+
+
+def test_unfitted_repository_has_no_rejection_column(tmp_path, tiny_checkpoint):
+    from export.evaluate import evaluate_repository
+
+    images, labels = synthetic_digits(16, seed=2)
+    export_repository(tiny_checkpoint, tmp_path / "repo", images=torch.from_numpy(images).unsqueeze(1),
+                      labels=torch.from_numpy(labels).long(), log=lambda *_: None)
+    report = evaluate_repository(tmp_path / "repo", images[:, None], labels,
+                                 {"blank": np.zeros((4, 1, 28, 28), np.uint8)})
+    assert report["threshold"] is None and "accepted" not in report["digits"]
+    assert "rejected" not in report["unknown_sets"]["blank"]["scores"]["known_score"]
+
+
+def test_cli_json_on_a_tiny_mnist(fitted_repo, tiny_mnist_root):
+    out, _ = fitted_repo
+    result = subprocess.run([sys.executable, "-m", "export.evaluate", str(out), "--data-dir", str(tiny_mnist_root),
+                             "--count", "8", "--no-fashion", "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["digits"]["count"] == 128
+    assert set(report["unknown_sets"]) == {"uniform_noise", "gaussian_noise", "blank", "letters"}
+    assert any("--no-fashion" in n for n in report["notes"])
+
+
+def test_cli_missing_repository_is_one_line(tmp_path, tiny_mnist_root):
+    result = subprocess.run([sys.executable, "-m", "export.evaluate", str(tmp_path / "nope"), "--data-dir",
+                             str(tiny_mnist_root), "--count", "4", "--no-fashion"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
