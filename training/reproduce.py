@@ -220,26 +220,10 @@ def _check_training_flags(parser: argparse.ArgumentParser, model: str, extra: li
     trainer.parse_args(["--model", model, *extra])
 
 
-def main(argv=None) -> int:
-    args, extra = parse_arguments(argv)
-    extra = ["--device", args.device, *(["--data-dir", args.data_dir] if args.data_dir else []), *extra]
+def _run_all(args, extra: list[str], out: Path, deadline: float | None) -> list[dict]:
+    """Every (seed, margin) run, --jobs at a time, seed-major; each run's result dict."""
     margins = [int(m) for m in args.margins.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    name = args.model + (f"-{args.tag}" if args.tag else "")  # one results file and run folder per net and tag
-    docs, out = Path(args.docs), Path(args.out) / name
-    (docs / "results").mkdir(parents=True, exist_ok=True)
-
-    from training.data import DataError, prepare_mnist
-
-    try:
-        prepare_mnist(args.data_dir)  # fetch once before parallel runs race for the cache
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-    started = time.perf_counter()
-    deadline = time.monotonic() + args.time_budget if args.time_budget > 0 else None
-
     # Runs side by side share the cores: each gets its share of intra-op threads (as torchrun does), not
     # all of them, which would oversubscribe the CPU (on a GPU the CPU only feeds the kernels anyway).
     env = dict(os.environ)
@@ -252,23 +236,16 @@ def main(argv=None) -> int:
                         deadline=deadline, env=env)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        runs = list(pool.map(job, [(s, m) for s in seeds for m in margins]))
-    finished = [r for r in runs if r["finished"]]
-    failed = [r for r in runs if "error" in r]
-    for r in failed:
-        print(f"error: m={r['margin']} seed={r['seed']} failed: {r['error']}", file=sys.stderr)
-    if not finished:
-        if not failed:
-            print(f"error: no run finished within --time-budget {args.time_budget:.0f}s; their logs are under {out}",
-                  file=sys.stderr)
-        return 1
-    rows = summarise(runs)
-    curves = docs / f"curves_{name}.png"
-    plot_curves([r for r in runs if r["epochs"]], curves, name)
+        return list(pool.map(job, [(s, m) for s in seeds for m in margins]))
+
+
+def _record(args, argv, runs: list[dict], finished: list[dict], rows: list[dict], curves: Path,
+            started: float) -> dict:
+    """The results file's content: the table, the recipe read back from a finished run, what did not finish."""
     from training.checkpoint import load_checkpoint
 
     train_args = load_checkpoint(Path(finished[0]["out"]) / "last.pt")["config"]["train_args"]
-    record = {
+    return {
         "model": args.model, "tag": args.tag, "rows": rows, "device": _device_name(args.device),
         "command": "python -m training.reproduce " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "recipe": (f"{train_args['epochs']} epochs, batch {train_args['batch_size']}, lr {train_args['lr']} "
@@ -282,6 +259,38 @@ def main(argv=None) -> int:
                         "reason": f"failed: {r['error']}" if "error" in r else "time budget"}
                        for r in runs if not r["finished"]],
     }
+
+
+def main(argv=None) -> int:
+    args, extra = parse_arguments(argv)
+    extra = ["--device", args.device, *(["--data-dir", args.data_dir] if args.data_dir else []), *extra]
+    name = args.model + (f"-{args.tag}" if args.tag else "")  # one results file and run folder per net and tag
+    docs, out = Path(args.docs), Path(args.out) / name
+    (docs / "results").mkdir(parents=True, exist_ok=True)
+
+    from training.data import DataError, prepare_mnist
+
+    try:
+        prepare_mnist(args.data_dir)  # fetch once before parallel runs race for the cache
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    started = time.perf_counter()
+    runs = _run_all(args, extra, out, time.monotonic() + args.time_budget if args.time_budget > 0 else None)
+    finished = [r for r in runs if r["finished"]]
+    failed = [r for r in runs if "error" in r]
+    for r in failed:
+        print(f"error: m={r['margin']} seed={r['seed']} failed: {r['error']}", file=sys.stderr)
+    if not finished:
+        if not failed:
+            print(f"error: no run finished within --time-budget {args.time_budget:.0f}s; their logs are under {out}",
+                  file=sys.stderr)
+        return 1
+    rows = summarise(runs)
+    curves = docs / f"curves_{name}.png"
+    plot_curves([r for r in runs if r["epochs"]], curves, name)
+    record = _record(args, argv, runs, finished, rows, curves, started)
     (docs / "results" / f"{name}.json").write_text(json.dumps(record, indent=1))
     if args.figure:
         figure_grid(finished, args.model, docs / "fig2_features.png", args.data_dir)
