@@ -6,6 +6,7 @@ conformance tests run against subprocess servers.) Run: .venv/bin/python -m pyte
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 
 import grpc
@@ -32,11 +33,13 @@ TOKEN = "in-process-token"
 
 
 class FakeBackend:
-    """logits = one-hot of (mean pixel // 26) scaled by 5, embedding = [mean, max]; or an exception."""
-    kind, device, providers, has_known_score = "fake", "cpu", (), False
+    """logits = one-hot of (mean pixel // 26) scaled by 5, embedding = [mean, max], and with known_score the
+    max pixel as the score (a blank image is "unknown"); or an exception."""
+    kind, device, providers = "fake", "cpu", ()
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, known_score: bool = False) -> None:
         self.fail = fail
+        self.has_known_score = known_score
         self.batches: list[int] = []
 
     def infer(self, images: np.ndarray):
@@ -46,7 +49,8 @@ class FakeBackend:
         flat = images.reshape(len(images), -1).astype(np.float32)
         logits = np.zeros((len(images), 10), np.float32)
         logits[np.arange(len(images)), np.minimum(flat.mean(1) // 26, 9).astype(int)] = 5.0
-        return logits, np.stack([flat.mean(1), flat.max(1)], 1)
+        embedding = np.stack([flat.mean(1), flat.max(1)], 1)
+        return (logits, embedding, flat.max(1)) if self.has_known_score else (logits, embedding)
 
     def close(self) -> None:
         pass
@@ -62,15 +66,22 @@ class App:
 
 
 async def _serve(tmp_path, scenario, *, token: str | None = None, fail: bool = False, ready: bool = True,
-                 limits: Limits = Limits(max_images_per_request=8)):
-    """Start the typed API behind the boundary interceptor on port 0, run scenario(app), stop."""
+                 limits: Limits = Limits(max_images_per_request=8), open_set: bool = False):
+    """Start the typed API behind the boundary interceptor on port 0, run scenario(app), stop. open_set: the
+    manifest says temperature 2 and threshold 100 on known_score, and the backend computes it."""
     repo = tmp_path / "repo"
     if not repo.exists():
         tiny_repo(repo)
+        if open_set:
+            path = repo / "manifest.json"
+            data = json.loads(path.read_text())
+            data["calibration"] = {"temperature": 2.0, "fitted_on": "test"}
+            data["open_set"] = {"detector": "max_pixel", "threshold": 100.0, "accept_rate": 0.99, "fitted_on": "test"}
+            path.write_text(json.dumps(data))
     manifest = read_manifest(repo)
     entry = manifest.select()
     stats = ModelStats(entry.name, entry.version)
-    backend = FakeBackend(fail)
+    backend = FakeBackend(fail, known_score=open_set)
     runners = {entry.name: ModelRunner(backend, entry, manifest, BatchingConfig(max_batch_size=4), stats)} \
         if ready else {}
     drain = Drain()
@@ -228,3 +239,22 @@ def test_token_check_is_exact():
     assert auth.check([("authorization", f"Bearer {TOKEN}")]) and auth.check([("authorization", f"bearer {TOKEN} ")])
     assert not auth.check([("authorization", f"Bearer {TOKEN}x")]) and not auth.check([("authorization", TOKEN)])
     assert not auth.check([]) and TokenAuth.public("/grpc.health.v1.Health/Check")
+
+
+def test_rejected_answers_and_calibrated_probabilities(tmp_path):
+    """A blank image scores below the manifest's threshold and comes back rejected; probabilities use the
+    temperature (softmax(logits / 2)); GetModelInfo reports both."""
+    async def scenario(app: App):
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = pb_grpc.DigitServiceStub(channel)
+            response = await stub.Classify(pb.ClassifyRequest(images=[_pixels(0), _pixels(200)]))
+            info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+        return response, info
+
+    response, info = _run(tmp_path, scenario, open_set=True)
+    blank, ink = response.results
+    assert blank.rejected and blank.known_score == 0.0
+    assert not ink.rejected and ink.known_score == 200.0
+    assert ink.probability == pytest.approx(np.exp(2.5) / (np.exp(2.5) + 9), rel=1e-5)
+    assert info.temperature == 2.0 and info.known_score_detector == "max_pixel"
+    assert info.known_score_threshold == 100.0
