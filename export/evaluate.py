@@ -1,6 +1,6 @@
 """`python -m export.evaluate REPO`: how well the exported graph tells digits from non-digits, and its calibration.
 
-    python -m export.evaluate model_repository [--count 2000] [--json] [--no-fashion]
+    python -m export.evaluate model_repository [--count 2000] [--json] [--no-fashion] [--histogram PNG]
 
 Runs REPO's ONNX graph in-process (onnxruntime, CPU) on the MNIST test digits (the known set) and on each unknown
 set of export.unknowns (uniform noise, Gaussian noise, blank/near-blank, rendered letters, Fashion-MNIST's test
@@ -25,7 +25,7 @@ import numpy as np
 
 from export import open_set
 
-__all__ = ["SCORES", "evaluate_repository", "classifier_weight", "format_report", "main"]
+__all__ = ["SCORES", "evaluate_repository", "classifier_weight", "format_report", "plot_histograms", "main"]
 
 SCORES = ("msp", "max_logit", "max_cosine", "known_score")  # known_score: the shipped detector, from the graph
 BATCH = 1000
@@ -68,8 +68,10 @@ def _scores(session, weight: np.ndarray, temperature: float, images: np.ndarray)
 
 
 def evaluate_repository(repo: str | Path, known_images: np.ndarray, known_labels: np.ndarray,
-                        unknowns: dict[str, np.ndarray], notes: list[str] | None = None) -> dict:
-    """The report (a JSON-ready dict) for REPO on these known (labelled digits) and unknown image sets."""
+                        unknowns: dict[str, np.ndarray], notes: list[str] | None = None,
+                        histogram: str | Path | None = None) -> dict:
+    """The report (a JSON-ready dict) for REPO on these known (labelled digits) and unknown image sets;
+    histogram: also write a PNG of the score histograms (known vs each unknown set) there."""
     from export.graphs import load_onnx_session
     from serving.repository_manifest import load_manifest
 
@@ -103,9 +105,10 @@ def evaluate_repository(repo: str | Path, known_images: np.ndarray, known_labels
         digits["accepted"] = float(accepted.mean())
         digits["accuracy_of_accepted"] = float((predicted[accepted] == known_labels[accepted]).mean()) \
             if accepted.any() else None
-    sets = {}
+    sets, raw = {}, {}
     for name, images in unknowns.items():
         scores, _ = _scores(session, weight, temperature, np.asarray(images, np.uint8))
+        raw[name] = scores
         per_score = {}
         for score_name in SCORES:
             if score_name not in scores:
@@ -116,12 +119,52 @@ def evaluate_repository(repo: str | Path, known_images: np.ndarray, known_labels
                 entry["rejected"] = float((scores[score_name] < threshold).mean())
             per_score[score_name] = entry
         sets[name] = {"count": int(len(images)), "scores": per_score}
+    if histogram is not None:
+        plot_histograms(known, raw, histogram, threshold if has_known_score else None,
+                        record.get("detector") if has_known_score else None)
     return {
         "repository": str(repo), "model": onnx_name, "net": manifest.net, "margin": manifest.margin,
         "temperature": temperature, "detector": record.get("detector") if has_known_score else None,
         "threshold": threshold if has_known_score else None, "accept_rate": record.get("accept_rate"),
         "digits": digits, "unknown_sets": sets, "notes": list(notes or []),
     }
+
+
+def plot_histograms(known: dict, unknown: dict[str, dict], path: str | Path, threshold: float | None,
+                    detector: str | None) -> Path:
+    """One panel per score (the shipped known_score, max cosine, MSP): density histograms of the MNIST test digits
+    and of each unknown set, the shipped threshold as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [s for s in ("known_score", "max_cosine", "msp") if s in known]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8))
+    axes = np.atleast_1d(axes)
+    for ax, name in zip(axes, panels):
+        values = [known[name]] + [u[name] for u in unknown.values()]
+        lo, hi = min(float(np.min(v)) for v in values), max(float(np.max(v)) for v in values)
+        if name == "known_score" and detector == "mahalanobis":  # long left tail: clip to where digits live
+            lo = max(lo, float(np.percentile(known[name], 0.1)) - 4 * float(np.std(known[name])))
+        bins = np.linspace(lo, hi, 60)
+        ax.hist(np.clip(known[name], lo, hi), bins=bins, density=True, alpha=0.55, label="MNIST test digits",
+                color="black")
+        for set_name, scores in unknown.items():
+            ax.hist(np.clip(scores[name], lo, hi), bins=bins, density=True, histtype="step", linewidth=1.4,
+                    label=set_name)
+        if name == "known_score" and threshold is not None:
+            ax.axvline(threshold, color="red", linestyle="--", linewidth=1, label="shipped threshold")
+        ax.set_title(f"known_score ({detector})" if name == "known_score" else name)
+        ax.set_yscale("log")
+        ax.set_xlabel("score (higher = more digit-like)")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _pct(value) -> str:
@@ -165,6 +208,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="torchvision-layout MNIST root (the known digits)")
     p.add_argument("--cache-dir", default=None, help="MNIST cache root")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--histogram", default=None, metavar="PNG", help="also write score histograms to this PNG")
     return p
 
 
@@ -190,7 +234,8 @@ def main(argv=None) -> int:
                 notes.append("Fashion-MNIST not measured: Debian's dataset-fashion-mnist package could not be had")
             else:
                 unknowns["fashion_mnist"] = fashion
-        report = evaluate_repository(args.repository, known_images, known_labels, unknowns, notes)
+        report = evaluate_repository(args.repository, known_images, known_labels, unknowns, notes,
+                                     histogram=args.histogram)
     except (StartupError, DataError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -91,12 +91,14 @@ def test_unfitted_repository_has_no_rejection_column(tmp_path, tiny_checkpoint):
 def test_cli_json_on_a_tiny_mnist(fitted_repo, tiny_mnist_root):
     out, _ = fitted_repo
     result = subprocess.run([sys.executable, "-m", "export.evaluate", str(out), "--data-dir", str(tiny_mnist_root),
-                             "--count", "8", "--no-fashion", "--json"], capture_output=True, text=True, cwd=ROOT)
+                             "--count", "8", "--no-fashion", "--json", "--histogram", str(out.parent / "h.png")],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["digits"]["count"] == 128
     assert set(report["unknown_sets"]) == {"uniform_noise", "gaussian_noise", "blank", "letters"}
     assert any("--no-fashion" in n for n in report["notes"])
+    assert (out.parent / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_missing_repository_is_one_line(tmp_path, tiny_mnist_root):
