@@ -214,8 +214,23 @@ def _verification_set(images, labels, config: dict, data_dir, cache_dir) -> tupl
     return images, labels, on_full_test_set
 
 
+def config_parameters(fits: dict | None) -> dict[str, str]:
+    """config.pbtxt's parameters: the served temperature, the known_score detector and its threshold (the
+    manifest's calibration / open_set records). None for an unfitted export (temperature 1, nothing rejected):
+    config.pbtxt then stays as before issue 13."""
+    calibration, record = (fits or {}).get("calibration") or {}, (fits or {}).get("open_set") or {}
+    if not calibration.get("fitted_on"):
+        return {}
+    out = {"temperature": repr(float(calibration.get("temperature", 1.0)))}
+    if record.get("detector"):
+        out["detector"] = record["detector"]
+    if record.get("threshold") is not None:
+        out["threshold"] = repr(float(record["threshold"]))
+    return out
+
+
 def _write_model(tmp: Path, fmt: ModelFormat, inference, opset: int, max_batch_size: int, num_classes: int,
-                 embedding_dim: int) -> Path:
+                 embedding_dim: int, parameters: dict[str, str] | None = None) -> Path:
     """REPO/<model>/1/<file> and REPO/<model>/config.pbtxt; returns the model file."""
     path = tmp / fmt.file()
     path.parent.mkdir(parents=True)
@@ -223,7 +238,8 @@ def _write_model(tmp: Path, fmt: ModelFormat, inference, opset: int, max_batch_s
         write_onnx(inference, path, opset)
     else:
         write_torchscript(inference, path)
-    write_config(tmp / fmt.directory, model_config(fmt, max_batch_size, num_classes, embedding_dim))
+    write_config(tmp / fmt.directory, model_config(fmt, max_batch_size, num_classes, embedding_dim,
+                                                   parameters=parameters))
     return path
 
 
@@ -254,8 +270,8 @@ def _build(tmp: Path, checkpoint: Path, ckpt: dict, net, inference, images, labe
     """Write both graphs and their configs into tmp, verify them, then write manifest.json."""
     config = ckpt["config"]
     num_classes, embedding_dim = int(config.get("num_classes", 10)), int(config["embedding_dim"])
-    paths = {fmt.kind: _write_model(tmp, fmt, inference, opset, max_batch_size, num_classes, embedding_dim)
-             for fmt in FORMATS}
+    paths = {fmt.kind: _write_model(tmp, fmt, inference, opset, max_batch_size, num_classes, embedding_dim,
+                                    config_parameters(fits)) for fmt in FORMATS}
     graph_facts = onnx_report(paths["onnx"])
     report = check_parity(net, inference, load_torchscript(paths["torchscript"]), load_onnx_session(paths["onnx"]),
                           images, labels, config["normalization"])

@@ -48,12 +48,13 @@ def message_type() -> type[Message]:
 
 def model_config(fmt: ModelFormat, max_batch_size: int, num_classes: int, embedding_dim: int, *,
                  name: str | None = None, input_name: str = INPUT, scheduling: bool = True,
-                 into: Message | None = None) -> Message:
+                 into: Message | None = None, parameters: dict[str, str] | None = None) -> Message:
     """The ModelConfig of one of the repository's models (`into`, filled in, or a new private-pool message).
 
     max_batch_size > 0, so dims exclude the batch axis. scheduling: dynamic batching (PREFERRED_BATCH_SIZES up
     to max_batch_size, MAX_QUEUE_DELAY_US) and one instance of kind KIND_AUTO, as export writes; False: the
-    interface only (what the server derives for a repository without config.pbtxt)."""
+    interface only (what the server derives for a repository without config.pbtxt). parameters: Triton's
+    ModelConfig.parameters (string values), written in key order (export: temperature, detector, threshold)."""
     config = into if into is not None else message_type()()
     config.name = name or fmt.directory
     config.backend = fmt.backend
@@ -66,6 +67,8 @@ def model_config(fmt: ModelFormat, max_batch_size: int, num_classes: int, embedd
         batching.preferred_batch_size.extend(b for b in PREFERRED_BATCH_SIZES if b <= max_batch_size)
         batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
         config.instance_group.add(kind="KIND_AUTO", count=1)
+    for key in sorted(parameters or {}):
+        config.parameters[key].string_value = str(parameters[key])
     return config
 
 

@@ -149,6 +149,7 @@ def test_config_pbtxt_is_written_through_model_config(repo, model_dir):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
+    from export.repository import config_parameters
     from serving.repository_config import config_text, model_config
     from serving.repository_format import BY_BACKEND
 
@@ -156,11 +157,12 @@ def test_config_pbtxt_is_written_through_model_config(repo, model_dir):
     text = (out / model_dir / "config.pbtxt").read_text()
     triton = text_format.Parse(text, model_config_pb2.ModelConfig())  # unknown fields would raise here
     built = model_config(BY_BACKEND[manifest["models"][model_dir]["backend"]], manifest["max_batch_size"],
-                         manifest["num_classes"], manifest["embedding_dim"])
+                         manifest["num_classes"], manifest["embedding_dim"], parameters=config_parameters(manifest))
     assert text == config_text(built)
     assert triton == model_config_pb2.ModelConfig.FromString(built.SerializeToString())
     assert triton.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
     assert triton.dynamic_batching.max_queue_delay_microseconds == 200
+    assert not triton.parameters  # unfitted (no held-out split): nothing to tell
 
 
 def test_private_model_config_schema_is_the_generated_stubs():
@@ -318,6 +320,15 @@ def test_fitted_export_records_temperature_and_threshold_and_graphs_agree(tmp_pa
     manifest = export_repository(tiny_checkpoint, out, images=images, labels=labels, fit_images=images,
                                  fit_labels=labels, detector=detector, accept_rate=0.9, log=lambda *_: None)
     calibration, record = manifest["calibration"], manifest["open_set"]
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    for model_dir in (ONNX_DIR, TS_DIR):
+        cfg = text_format.Parse((out / model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert {k: v.string_value for k, v in cfg.parameters.items()} == {
+            "temperature": repr(calibration["temperature"]), "detector": detector,
+            "threshold": repr(record["threshold"])}
+        assert float(cfg.parameters["threshold"].string_value) == record["threshold"]
     assert calibration["temperature"] > 0 and calibration["nll_after"] <= calibration["nll_before"] + 1e-9
     assert (record["detector"], record["accept_rate"], record["output"]) == (detector, 0.9, "known_score")
     assert record["fit_accepted"] >= 0.9
