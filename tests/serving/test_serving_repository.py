@@ -113,7 +113,7 @@ def test_backend_table_is_the_one_mapping():
 
 def test_exported_manifest_round_trips_through_the_typed_structure(model_repository):
     """What export wrote is what RepositoryManifest reads, and writing it again gives the same bytes."""
-    from serving.repository_format import FORMATS, INPUT, OUTPUTS
+    from serving.repository_format import ALL_OUTPUTS, FORMATS, INPUT
     from serving.repository_manifest import RepositoryManifest, load_manifest
 
     text = (model_repository / "manifest.json").read_text()
@@ -121,10 +121,10 @@ def test_exported_manifest_round_trips_through_the_typed_structure(model_reposit
     assert spec.to_dict() == json.loads(text)
     assert json.dumps(spec.to_dict(), indent=2) + "\n" == text
     assert RepositoryManifest.from_dict(spec.to_dict()) == spec == read_manifest(model_repository).spec
-    assert spec.input.name == INPUT and [o.name for o in spec.outputs] == list(OUTPUTS)
+    assert spec.input.name == INPUT and [o.name for o in spec.outputs] == list(ALL_OUTPUTS)
     assert {name: (m.backend, m.file) for name, m in spec.models.items()} == {
         f.directory: (f.backend, f.file()) for f in FORMATS}
-    assert set(spec.records) == {"onnx", "parity", "source_checkpoint", "exporter"}
+    assert set(spec.records) == {"onnx", "parity", "source_checkpoint", "exporter", "calibration", "open_set"}
 
 
 def test_exported_config_pbtxt_round_trips_through_model_config(model_repository):
