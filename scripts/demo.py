@@ -75,6 +75,17 @@ def _classify_all(address: str, out: Path, repo: Path, raw: Path) -> None:
     manifest = json.loads((repo / "manifest.json").read_text())
     print(f"served accuracy {evaluation['accuracy']:.2f}% on {evaluation['count']} digits; "
           f"manifest test accuracy {manifest['test_accuracy']:.2f}%", flush=True)
+    _show_a_non_digit(address, out)
+
+
+def _show_a_non_digit(address: str, out: Path) -> None:
+    """Static sent as an image: the server should answer "not a digit" (REJECTED) rather than a confident label."""
+    import numpy as np
+    from PIL import Image
+
+    noise = out / "not_a_digit_static.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(noise)
+    _run("-m", "serving.client", "classify", "--server", address, str(noise))
 
 
 def _embed_sample(address: str, out: Path, raw: Path, sample: int) -> tuple[Path, Path]:
