@@ -100,6 +100,38 @@ def parse_only(words: list[str]):
                           text=True, timeout=120)
 
 
+_PARSE_MANY = """
+import argparse, contextlib, io, json, sys
+results = []
+for words in json.loads(sys.stdin.read()):
+    err, saved = io.StringIO(), (argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args)
+    with contextlib.redirect_stderr(err):
+        try:
+            exec(compile(PARSE_ONLY, "<parse_only>", "exec"), {"__name__": "__parse_only__", "_argv": ["-", *words]})
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = saved
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def parse_only_many(commands: list[list[str]]) -> list[tuple[int, str]]:
+    """parse_only for many commands in one fresh process (one interpreter and torch import instead of one
+    each); [(exit code, stderr)] in order."""
+    import json
+    import subprocess
+    import sys
+
+    prelude = "PARSE_ONLY = " + repr("import sys\nsys.argv = _argv\n" + _PARSE_ONLY) + "\n"
+    result = subprocess.run([sys.executable, "-c", prelude + _PARSE_MANY], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, timeout=300, input=json.dumps(commands))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [tuple(r) for r in json.loads(result.stdout.strip().splitlines()[-1])]
+
+
 def option_strings(factory: str) -> set[str]:
     """Every option string of `module:get_args_parser` (subcommands included), read in a fresh process."""
     import json

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import option_strings, parse_only
+from support import option_strings, parse_only_many
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -50,10 +50,22 @@ def test_readme_shows_both_commands_first():
     assert "make demo" in first_block and "make test" in first_block
 
 
+@pytest.fixture(scope="module")
+def parsed() -> dict[str, tuple[int, str]]:
+    """Every README command through its own argument parser, all in one fresh process."""
+    return {" ".join(words): result for words, result in zip(COMMANDS, parse_only_many(COMMANDS))}
+
+
 @pytest.mark.parametrize("words", COMMANDS, ids=[" ".join(c[:2]) for c in COMMANDS])
-def test_readme_command_parses(words):
-    result = parse_only(words)
-    assert result.returncode == 0, f"`{' '.join(words)}` does not parse:\n{result.stderr[-2000:]}"
+def test_readme_command_parses(words, parsed):
+    code, stderr = parsed[" ".join(words)]
+    assert code == 0, f"`{' '.join(words)}` does not parse:\n{stderr[-2000:]}"
+
+
+def test_a_bad_command_fails_to_parse():
+    """The batch check can fail: an unknown flag exits 2 with argparse's message."""
+    [(code, stderr)] = parse_only_many([["training", "--no-such-flag"]])
+    assert code == 2 and "unrecognized arguments: --no-such-flag" in stderr
 
 
 def test_readme_covers_every_step():

@@ -88,6 +88,7 @@ def test_unfitted_repository_has_no_rejection_column(tmp_path, tiny_checkpoint):
     assert "rejected" not in report["unknown_sets"]["blank"]["scores"]["known_score"]
 
 
+@pytest.mark.slow  # a subprocess end to end; `make test-slow`
 def test_cli_json_on_a_tiny_mnist(fitted_repo, tiny_mnist_root):
     out, _ = fitted_repo
     result = subprocess.run([sys.executable, "-m", "export.evaluate", str(out), "--data-dir", str(tiny_mnist_root),

@@ -44,6 +44,7 @@ def test_reproduce_reports_failed_run(tmp_path, capsys):
     assert code != 0
 
 
+@pytest.mark.slow  # a subprocess end to end; `make test-slow`
 def test_a_run_past_the_deadline_is_stopped_and_keeps_its_logged_epochs(tmp_path, tiny_mnist_root):
     import time
 

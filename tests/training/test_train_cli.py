@@ -271,6 +271,7 @@ def test_data_dir_with_missing_files(tmp_path, capsys):
     assert_one_line_error(capsys.readouterr().err, "missing", "train-images-idx3-ubyte")
 
 
+@pytest.mark.slow  # a subprocess end to end; `make test-slow`
 def test_module_entry_points(tiny_mnist_root, tmp_path):
     """`python -m training` in a fresh process: --help shows the defaults; an error is one line, exit != 0."""
     help_text = subprocess.run([sys.executable, "-m", "training", "--help"], capture_output=True, text=True,
@@ -348,6 +349,7 @@ def test_visualize_writes_a_png(model, tiny_mnist_root, tmp_path):
     assert xy.shape == (3, 2) and axis == ("feature" if model == "vis" else "PC")
 
 
+@pytest.mark.slow  # a subprocess end to end; `make test-slow`
 def test_visualize_module(tiny_checkpoint, tiny_mnist_root, tmp_path):
     png = tmp_path / "x.png"
     result = subprocess.run([sys.executable, "-m", "training.visualize", str(tiny_checkpoint), "--out", str(png),
