@@ -20,6 +20,12 @@ from torch import nn
 __all__ = ["InferenceModule", "build_inference_module", "MaxCosine", "Mahalanobis", "scorer"]
 
 
+# Ink below this many full-white pixels' worth is not a digit: every MNIST training digit has at least 19.9
+# (measured over the 60,000), an all-black page 0, a 2x2 dot 4. Such inputs get NO_INK_SCORE as known_score.
+MIN_INK = 10.0
+NO_INK_SCORE = -1.0e6
+
+
 class MaxCosine(nn.Module):
     """max_c cos(embedding, W_c): the angle L-Softmax's margin acts on (no fitted parameters)."""
 
@@ -76,6 +82,8 @@ class InferenceModule(nn.Module):
         self.register_buffer("gain", torch.tensor(scale / std, dtype=torch.float32))
         self.register_buffer("offset", torch.tensor(-mean / std, dtype=torch.float32))
         self.known_score = known_score if known_score is not None else MaxCosine(weight)
+        self.register_buffer("min_ink", torch.tensor(MIN_INK, dtype=torch.float32))
+        self.register_buffer("no_ink_score", torch.tensor(NO_INK_SCORE, dtype=torch.float32))
         self.requires_grad_(False)  # an inference graph: no autograd bookkeeping in any runtime
         self.eval()
 
@@ -83,7 +91,10 @@ class InferenceModule(nn.Module):
         x = image.to(torch.float32) * self.gain + self.offset
         embedding = self.backbone(x)
         logits = self.classifier(embedding)
-        return logits, embedding, self.known_score(logits, embedding)
+        score = self.known_score(logits, embedding)
+        # No ink, no digit: a (near-)blank input scores NO_INK_SCORE, below any threshold, whatever the net says.
+        ink = image.to(torch.float32).sum(dim=(1, 2, 3)) * (1.0 / 255.0)
+        return logits, embedding, torch.where(ink >= self.min_ink, score, self.no_ink_score.expand_as(score))
 
 
 def build_inference_module(model: nn.Module, normalization: dict, detector: str = "max_cosine",

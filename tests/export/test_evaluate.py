@@ -49,13 +49,16 @@ def test_report_figures(fitted_repo):
     assert report["temperature"] == pytest.approx(manifest["calibration"]["temperature"])
     assert (report["detector"], report["threshold"]) == ("max_cosine", manifest["open_set"]["threshold"])
     assert set(report["unknown_sets"]) == set(unknowns)
-    for entry in report["unknown_sets"].values():
+    for name, entry in report["unknown_sets"].items():
         assert entry["count"] == 12 and tuple(entry["scores"]) == SCORES
         for s in entry["scores"].values():
             assert 0.0 <= s["auroc"] <= 1.0 and 0.0 <= s["fpr_at_95_tpr"] <= 1.0
         shipped = entry["scores"]["known_score"]
         assert 0.0 <= shipped["rejected"] <= 1.0
-        assert shipped["auroc"] == pytest.approx(entry["scores"]["max_cosine"]["auroc"], abs=1e-6)  # same detector
+        if name == "blank":  # the graph's ink check sends (near-)blank inputs below any threshold
+            assert shipped["auroc"] >= entry["scores"]["max_cosine"]["auroc"] - 1e-6
+        else:  # otherwise the shipped score is the max cosine detector
+            assert shipped["auroc"] == pytest.approx(entry["scores"]["max_cosine"]["auroc"], abs=1e-6)
     digits = report["digits"]
     assert digits["count"] == 48 and 0.0 <= digits["accepted"] <= 1.0 and 0.0 <= digits["accuracy"] <= 1.0
 
@@ -108,3 +111,24 @@ def test_cli_missing_repository_is_one_line(tmp_path, tiny_mnist_root):
                             cwd=ROOT)
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+
+
+def test_inputs_without_ink_are_below_any_threshold_in_both_graphs(fitted_repo):
+    """All black, a faint wash and a 2x2 dot (less ink than any MNIST training digit has) score NO_INK_SCORE in
+    TorchScript and ONNX alike; a digit keeps its detector score."""
+    import onnxruntime as ort
+
+    from export.inference_module import NO_INK_SCORE
+
+    out, manifest = fitted_repo
+    blank = np.zeros((4, 1, 28, 28), np.uint8)
+    blank[1] = 3  # a faint wash: 784 * 3 / 255 = 9.2 pixels' worth of ink
+    blank[2, 0, 10:12, 10:12] = 255
+    blank[3] = synthetic_digits(1, seed=1)[0][0]
+    session = ort.InferenceSession(str(out / "lsoftmax_mnist_onnx/1/model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_scores = session.run(["known_score"], {"image": blank})[0]
+    module = torch.jit.load(str(out / "lsoftmax_mnist_torchscript/1/model.pt"))
+    script_scores = module(torch.from_numpy(blank))[2].numpy()
+    for scores in (onnx_scores, script_scores):
+        assert list(scores[:3]) == [NO_INK_SCORE] * 3
+        assert scores[3] > NO_INK_SCORE
