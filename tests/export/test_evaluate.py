@@ -105,12 +105,13 @@ def test_cli_json_on_a_tiny_mnist(fitted_repo, tiny_mnist_root):
     assert (out.parent / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_missing_repository_is_one_line(tmp_path, tiny_mnist_root):
-    result = subprocess.run([sys.executable, "-m", "export.evaluate", str(tmp_path / "nope"), "--data-dir",
-                             str(tiny_mnist_root), "--count", "4", "--no-fashion"], capture_output=True, text=True,
-                            cwd=ROOT)
-    assert result.returncode == 1
-    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+def test_cli_missing_repository_is_one_line(tmp_path, tiny_mnist_root, capsys):
+    from export.evaluate import main
+
+    code = main([str(tmp_path / "nope"), "--data-dir", str(tiny_mnist_root), "--count", "4", "--no-fashion"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:")
 
 
 def test_inputs_without_ink_are_below_any_threshold_in_both_graphs(fitted_repo):

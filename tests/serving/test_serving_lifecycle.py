@@ -79,6 +79,7 @@ def _photo_request() -> tuple[pb.ClassifyRequest, int]:
     return pb.ClassifyRequest(images=[pb.Image(encoded=buffer.getvalue())] * 64), 64
 
 
+@pytest.mark.slow  # its sibling under load runs in the default suite; `make test-slow`
 def test_sigterm_finishes_in_flight_requests_and_exits_0(model_repository, helpers):
     server = helpers.ServerProcess(model_repository, "--device", "cpu", "--grace-seconds", "30",
                                    *helpers.SERVER_LIMITS).start()
