@@ -65,9 +65,8 @@ class InProcess:
             dev = torch.device(device)
 
             def run(x):
-                with torch.inference_mode():
-                    logits, emb = module(torch.from_numpy(x).to(dev))
-                    return logits.cpu().numpy(), emb.cpu().numpy()
+                with torch.inference_mode():  # every output the graph has (known_score too), as the server runs it
+                    return tuple(o.cpu().numpy() for o in module(torch.from_numpy(x).to(dev)))
 
             self.run = run
 
