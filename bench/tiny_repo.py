@@ -52,7 +52,8 @@ def tiny_repo(out: Path, max_batch_size: int = 256) -> Path:
     path = out / fmt.file()
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(_tiny_graph(num_classes, embedding_dim), str(path))
-    write_config(out / fmt.directory, model_config(fmt, max_batch_size, num_classes, embedding_dim, scheduling=False))
+    write_config(out / fmt.directory, model_config(fmt, max_batch_size, num_classes, embedding_dim, scheduling=False,
+                                                   known_score=False))
     write_manifest(out, RepositoryManifest(
         net="tiny-linear", margin=1, num_classes=num_classes, embedding_dim=embedding_dim,
         max_batch_size=max_batch_size, models={fmt.directory: ModelSpec.of(fmt, file_sha256(path))}))

@@ -4,20 +4,23 @@ In eval mode L-Softmax is a bias-free linear map (the margin only ever touched t
 training), so the served graph is backbone -> nn.Linear(W, bias=False). The pixel normalisation
 (x / 255 - mean) / std is folded in front as one affine map, so every runtime gets the same answer
 from the same raw pixels. `known_score` (higher = more digit-like) is the open-set detector the export chose
-(export.open_set): max cosine between the embedding and the class weights, or the negated class-conditional
-Mahalanobis distance with a shared covariance (Lee et al. 2018), computed inside the graph so Triton and
-KServe users get it too.
+(export.open_set), computed inside the graph so Triton and KServe users get it too: max cosine between the
+embedding and the class weights; the negated class-conditional Mahalanobis distance of the embedding with a
+shared covariance (Lee et al. 2018); or that distance at every stage of the net (the channel means after each
+pooling stage, and the embedding), each standardised by its spread on held-out digits and summed, which sees
+what the embedding alone has squeezed out (texture, stroke statistics, blank pages).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["InferenceModule", "build_inference_module", "MaxCosine", "Mahalanobis", "scorer"]
+__all__ = ["InferenceModule", "build_inference_module", "MaxCosine", "Mahalanobis", "MultiLayerMahalanobis",
+           "scorer", "split_stages", "stage_features"]
 
 
 # Ink below this many full-white pixels' worth is not a digit: every MNIST training digit has at least 19.9
@@ -34,7 +37,7 @@ class MaxCosine(nn.Module):
         self.register_buffer("unit_weight", weight.detach().float() / weight.detach().float().norm(dim=1, keepdim=True)
                              .clamp_min(1e-12))
 
-    def forward(self, logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, embedding: torch.Tensor, taps: List[torch.Tensor]) -> torch.Tensor:
         norm = torch.sqrt((embedding * embedding).sum(dim=1, keepdim=True)).clamp_min(1e-12)
         cos = torch.matmul(embedding / norm, self.unit_weight.t())
         return cos.max(dim=1)[0]
@@ -50,21 +53,72 @@ class Mahalanobis(nn.Module):
         self.register_buffer("factor", factor)
         self.register_buffer("projected_means", projected)
 
-    def forward(self, logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    def distance(self, features: torch.Tensor) -> torch.Tensor:
+        """min_c of the squared Mahalanobis distance to the class means, [N]."""
         # Differences, not ||z||^2 - 2 z.m + ||m||^2: the expansion cancels catastrophically in float32.
-        diff = torch.matmul(embedding, self.factor).unsqueeze(1) - self.projected_means.unsqueeze(0)
-        return -(diff * diff).sum(dim=2).min(dim=1)[0]
+        diff = torch.matmul(features, self.factor).unsqueeze(1) - self.projected_means.unsqueeze(0)
+        return (diff * diff).sum(dim=2).min(dim=1)[0]
+
+    def forward(self, logits: torch.Tensor, embedding: torch.Tensor, taps: List[torch.Tensor]) -> torch.Tensor:
+        return -self.distance(embedding)
+
+
+class MultiLayerMahalanobis(nn.Module):
+    """-sum_l (d_l - center_l) / scale_l over the stage taps and the embedding, d_l each one's Mahalanobis distance
+    (fitted as Mahalanobis is), center/scale its median and spread on held-out digits so that no layer dominates."""
+
+    def __init__(self, layers: list[dict]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Mahalanobis(torch.as_tensor(f["means"]), torch.as_tensor(f["precision_factor"]))
+                                    for f in layers)
+        self.register_buffer("center", torch.tensor([float(f["center"]) for f in layers], dtype=torch.float32))
+        self.register_buffer("inverse_scale", torch.tensor([1.0 / float(f["scale"]) for f in layers],
+                                                           dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, embedding: torch.Tensor, taps: List[torch.Tensor]) -> torch.Tensor:
+        features = taps + [embedding]
+        total = torch.zeros_like(embedding[:, 0])
+        for i, layer in enumerate(self.layers):
+            total = total + (layer.distance(features[i]) - self.center[i]) * self.inverse_scale[i]
+        return -total
 
 
 def scorer(detector: str, weight: torch.Tensor, fitted: dict | None = None) -> nn.Module:
-    """The known_score module for a detector name; fitted: {"means", "precision_factor"} for mahalanobis."""
+    """The known_score module for a detector name; fitted: {"means", "precision_factor"} for mahalanobis,
+    {"layers": [{"means", "precision_factor", "center", "scale"}, ...]} (taps first, embedding last) for
+    multilayer_mahalanobis."""
     if detector == "max_cosine":
         return MaxCosine(weight)
     if detector == "mahalanobis":
         if not fitted:
             raise ValueError("the mahalanobis detector needs fitted class means and a precision factor")
         return Mahalanobis(torch.as_tensor(fitted["means"]), torch.as_tensor(fitted["precision_factor"]))
-    raise ValueError(f"unknown in-graph detector {detector!r}; expected max_cosine or mahalanobis")
+    if detector == "multilayer_mahalanobis":
+        if not fitted or not fitted.get("layers"):
+            raise ValueError("the multilayer_mahalanobis detector needs fitted layers")
+        return MultiLayerMahalanobis(fitted["layers"])
+    raise ValueError(f"unknown in-graph detector {detector!r}; expected max_cosine, mahalanobis or "
+                     "multilayer_mahalanobis")
+
+
+def split_stages(backbone: nn.Sequential) -> list[nn.Sequential]:
+    """The backbone cut after each MaxPool2d: running the pieces in turn is running the backbone, and the output
+    of every piece but the last is a stage's feature map [N, C, H, W] (the last gives the embedding)."""
+    stages, current = [], []
+    for layer in backbone:
+        current.append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            stages.append(nn.Sequential(*current))
+            current = []
+    return stages + [nn.Sequential(*current)] if current else stages
+
+
+@torch.no_grad()
+def stage_features(module: "InferenceModule", image: torch.Tensor) -> list[torch.Tensor]:
+    """The stage taps (channel means after each pooling stage) and the embedding, as the graph computes them:
+    what multilayer_mahalanobis is fitted on."""
+    taps, embedding = module.features(image.to(torch.float32) * module.gain + module.offset)
+    return taps + [embedding]
 
 
 class InferenceModule(nn.Module):
@@ -73,7 +127,7 @@ class InferenceModule(nn.Module):
     def __init__(self, backbone: nn.Module, weight: torch.Tensor, scale: float, mean: float, std: float,
                  known_score: nn.Module | None = None) -> None:
         super().__init__()
-        self.backbone = copy.deepcopy(backbone).eval()
+        self.stages = nn.ModuleList(split_stages(copy.deepcopy(backbone).eval()))
         out_features, in_features = weight.shape
         self.classifier = nn.Linear(in_features, out_features, bias=False)
         with torch.no_grad():
@@ -87,11 +141,21 @@ class InferenceModule(nn.Module):
         self.requires_grad_(False)  # an inference graph: no autograd bookkeeping in any runtime
         self.eval()
 
+    def features(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """(channel means of every stage's output but the last, the embedding) of normalised pixels x."""
+        taps: List[torch.Tensor] = []
+        h = x
+        for stage in self.stages:
+            h = stage(h)
+            if h.dim() == 4:
+                taps.append(h.mean(dim=(2, 3)))
+        return taps, h
+
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = image.to(torch.float32) * self.gain + self.offset
-        embedding = self.backbone(x)
+        taps, embedding = self.features(x)
         logits = self.classifier(embedding)
-        score = self.known_score(logits, embedding)
+        score = self.known_score(logits, embedding, taps)
         # No ink, no digit: a (near-)blank input scores NO_INK_SCORE, below any threshold, whatever the net says.
         ink = image.to(torch.float32).sum(dim=(1, 2, 3)) * (1.0 / 255.0)
         return logits, embedding, torch.where(ink >= self.min_ink, score, self.no_ink_score.expand_as(score))

@@ -15,7 +15,8 @@ import math
 
 import numpy as np
 
-__all__ = ["DETECTORS", "IN_GRAPH", "fit_mahalanobis", "DEFAULT_DETECTOR", "DEFAULT_ACCEPT_RATE", "ECE_BINS", "softmax", "fit_temperature", "nll",
+__all__ = ["DETECTORS", "IN_GRAPH", "fit_mahalanobis", "mahalanobis_distance", "fit_multilayer_mahalanobis",
+           "multilayer_mahalanobis", "DEFAULT_DETECTOR", "DEFAULT_ACCEPT_RATE", "ECE_BINS", "softmax", "fit_temperature", "nll",
            "score", "accept_threshold", "auroc", "fpr_at_tpr", "ece"]
 
 # name -> what it is (higher = more digit-like). The graph ships one of them as `known_score`.
@@ -26,10 +27,14 @@ DETECTORS = {
     "max_logit": "max over classes of W_c . embedding",
     "mahalanobis": "minus the smallest class-conditional Mahalanobis distance of the embedding (shared, shrunk "
                    "covariance fitted on held-out digits; Lee et al. 2018)",
+    "multilayer_mahalanobis": "minus the sum over the net's stages (channel means after each pooling stage) and the "
+                              "embedding of each one's class-conditional Mahalanobis distance, standardised by its "
+                              "median and spread on held-out digits (Lee et al. 2018's feature ensemble, equal weights)",
 }
-IN_GRAPH = ("max_cosine", "mahalanobis")  # the detectors the exported graphs can compute as known_score
+# The detectors the exported graphs can compute as known_score.
+IN_GRAPH = ("multilayer_mahalanobis", "mahalanobis", "max_cosine")
 MAHALANOBIS_SHRINK = 0.01
-DEFAULT_DETECTOR = "mahalanobis"
+DEFAULT_DETECTOR = "multilayer_mahalanobis"  # chosen by measurement: docs/open_set.md
 DEFAULT_ACCEPT_RATE = 0.99
 ECE_BINS = 15
 EPS = 1e-12
@@ -80,16 +85,47 @@ def fit_mahalanobis(embedding: np.ndarray, labels: np.ndarray, num_classes: int,
     return {"means": means.astype(np.float32), "precision_factor": factor.astype(np.float32)}
 
 
+def mahalanobis_distance(features: np.ndarray, fitted: dict) -> np.ndarray:
+    """min over classes of the squared Mahalanobis distance (float64 [N]), as differences (no cancellation)."""
+    factor = np.asarray(fitted["precision_factor"], np.float64)
+    z = features.astype(np.float64) @ factor
+    m = np.asarray(fitted["means"], np.float64) @ factor
+    best = np.full(len(z), np.inf)
+    for row in m:  # one class at a time: [N, D] temporaries instead of [N, C, D]
+        best = np.minimum(best, ((z - row) ** 2).sum(axis=1))
+    return best
+
+
+def fit_multilayer_mahalanobis(stats_features: list[np.ndarray], stats_labels: np.ndarray,
+                               spread_features: list[np.ndarray], num_classes: int) -> dict:
+    """One Mahalanobis fit per layer (stage taps first, embedding last) on the stats images, then each layer's
+    distance centred and scaled by its median and standard deviation on *other* held-out digits (spread_features):
+    on the images the covariance came from, a wide layer's distances look smaller than they will on new digits."""
+    layers = []
+    for stats, spread in zip(stats_features, spread_features):
+        fit = fit_mahalanobis(stats, stats_labels, num_classes)
+        d = mahalanobis_distance(spread, fit)
+        fit["center"], fit["scale"] = float(np.median(d)), float(max(np.std(d), EPS))
+        layers.append(fit)
+    return {"layers": layers}
+
+
+def multilayer_mahalanobis(features: list[np.ndarray], fitted: dict) -> np.ndarray:
+    """The multilayer_mahalanobis score (float64 [N], higher = more digit-like): the graph's known_score
+    before its ink floor."""
+    total = 0.0
+    for x, layer in zip(features, fitted["layers"]):
+        total = total + (mahalanobis_distance(x, layer) - layer["center"]) / layer["scale"]
+    return -total
+
+
 def score(name: str, logits: np.ndarray, embedding: np.ndarray, weight: np.ndarray,
           temperature: float = 1.0, fitted: dict | None = None) -> np.ndarray:
     """The detector `name` for each row (float64 [N]); weight: the classifier's W [C, D]; fitted: mahalanobis's."""
     if name == "mahalanobis":
         if fitted is None:
             raise ValueError("the mahalanobis score needs fitted means and precision factor")
-        z = embedding.astype(np.float64) @ np.asarray(fitted["precision_factor"], np.float64)
-        m = np.asarray(fitted["means"], np.float64) @ np.asarray(fitted["precision_factor"], np.float64)
-        d = (z * z).sum(1, keepdims=True) - 2.0 * z @ m.T + (m * m).sum(1)[None, :]
-        return -d.min(axis=1)
+        return -mahalanobis_distance(embedding, fitted)
     if name == "max_cosine":
         w = weight.astype(np.float64)
         x = embedding.astype(np.float64)
@@ -102,6 +138,8 @@ def score(name: str, logits: np.ndarray, embedding: np.ndarray, weight: np.ndarr
         return softmax(logits, temperature).max(axis=1)
     if name == "max_logit":
         return logits.astype(np.float64).max(axis=1)
+    if name == "multilayer_mahalanobis":
+        raise ValueError("multilayer_mahalanobis needs every stage's features: use multilayer_mahalanobis()")
     raise KeyError(f"unknown detector {name!r}; expected one of {', '.join(DETECTORS)}")
 
 

@@ -23,7 +23,7 @@ import torch
 
 from export.graphs import load_onnx_session, load_torchscript, onnx_report, write_onnx, write_torchscript
 from export import open_set
-from export.inference_module import build_inference_module
+from export.inference_module import build_inference_module, stage_features
 from export.verify import ParityReport, check_parity
 from serving.repository_config import model_config, write_config
 from serving.repository_format import FORMATS, IMAGE_DIMS, MANIFEST_FORMAT, MODEL_PREFIX, ModelFormat
@@ -161,13 +161,19 @@ def _outputs(module, images: torch.Tensor, batch_size: int = 1000) -> tuple:
     return tuple(torch.cat([p[k] for p in parts]).numpy() for k in range(len(parts[0])))
 
 
+def _stage_features(module, images: torch.Tensor, batch_size: int = 1000) -> list[np.ndarray]:
+    parts = [stage_features(module, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return [torch.cat([p[k] for p in parts]).numpy() for k in range(len(parts[0]))]
+
+
 def _fit(net, ckpt: dict, images, labels, fitted_on: dict | None, detector: str, accept_rate: float,
          log) -> tuple[torch.nn.Module, dict, dict]:
     """The inference module with its known_score detector, and the manifest's calibration and open_set records.
 
-    The temperature minimises NLL on the fit images. For mahalanobis the class means and covariance are fitted
-    on the even-indexed fit images and the threshold on the odd ones (a threshold on the images the statistics
-    came from would accept fewer unseen digits than it says); max_cosine has no parameters and uses them all."""
+    The temperature minimises NLL on the fit images. For the Mahalanobis detectors the class means and covariance
+    are fitted on the even-indexed fit images and the threshold (and multilayer_mahalanobis's per-layer spread) on
+    the odd ones (a threshold on the images the statistics came from would accept fewer unseen digits than it says);
+    max_cosine has no parameters and uses them all."""
     normalization = ckpt["config"]["normalization"]
     if images is None:
         log(NOT_FITTED.format(checkpoint=ckpt.get("_path", "the checkpoint")))
@@ -184,10 +190,15 @@ def _fit(net, ckpt: dict, images, labels, fitted_on: dict | None, detector: str,
                    "ece_before": open_set.ece(open_set.softmax(logits), labels_np),
                    "ece_after": open_set.ece(open_set.softmax(logits, temperature), labels_np)}
     fitted, threshold_rows = None, np.arange(len(labels_np))
-    if detector == "mahalanobis":
+    num_classes = int(ckpt["config"].get("num_classes", 10))
+    if detector in ("mahalanobis", "multilayer_mahalanobis"):
         stats_rows, threshold_rows = threshold_rows[0::2], threshold_rows[1::2]
-        fitted = open_set.fit_mahalanobis(embedding[stats_rows], labels_np[stats_rows],
-                                          int(ckpt["config"].get("num_classes", 10)))
+    if detector == "mahalanobis":
+        fitted = open_set.fit_mahalanobis(embedding[stats_rows], labels_np[stats_rows], num_classes)
+    elif detector == "multilayer_mahalanobis":
+        features = _stage_features(base, images)
+        fitted = open_set.fit_multilayer_mahalanobis([f[stats_rows] for f in features], labels_np[stats_rows],
+                                                     [f[threshold_rows] for f in features], num_classes)
     module = build_inference_module(net, normalization, detector=detector, fitted=fitted)
     scores = _outputs(module, images[torch.from_numpy(threshold_rows)])[2]
     threshold = open_set.accept_threshold(scores, accept_rate)

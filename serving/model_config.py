@@ -20,7 +20,7 @@ from serving.batching import BatchingConfig
 from serving.errors import StartupError
 from serving.repository import Manifest, ModelEntry
 from serving.repository_config import model_config, read_config
-from serving.repository_format import CONFIG_FILE
+from serving.repository_format import CONFIG_FILE, OUTPUT_KNOWN_SCORE
 
 __all__ = ["DEFAULT_MAX_BATCH_SIZE", "read_model_config", "effective_config"]
 
@@ -28,9 +28,10 @@ DEFAULT_MAX_BATCH_SIZE = 256
 
 
 def _derived(entry: ModelEntry, manifest: Manifest) -> mc.ModelConfig:
+    known_score = any(o.name == OUTPUT_KNOWN_SCORE for o in manifest.spec.outputs or ())
     return model_config(entry.format, manifest.max_batch_size or DEFAULT_MAX_BATCH_SIZE, manifest.num_classes,
                         manifest.embedding_dim, name=entry.name, input_name=manifest.input_name, scheduling=False,
-                        into=mc.ModelConfig())
+                        into=mc.ModelConfig(), known_score=known_score)
 
 
 def read_model_config(entry: ModelEntry, manifest: Manifest) -> mc.ModelConfig:

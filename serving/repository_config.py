@@ -22,7 +22,8 @@ from google.protobuf import descriptor_pool, message_factory, text_format
 from google.protobuf.message import Message
 
 from serving.errors import StartupError
-from serving.repository_format import CONFIG_FILE, IMAGE_DIMS, INPUT, OUTPUT_EMBEDDING, OUTPUT_LOGITS, ModelFormat
+from serving.repository_format import (CONFIG_FILE, IMAGE_DIMS, INPUT, OUTPUT_EMBEDDING, OUTPUT_KNOWN_SCORE,
+                                       OUTPUT_LOGITS, ModelFormat)
 
 __all__ = ["PREFERRED_BATCH_SIZES", "MAX_QUEUE_DELAY_US", "message_type", "model_config", "config_text",
            "write_config", "read_config"]
@@ -48,13 +49,15 @@ def message_type() -> type[Message]:
 
 def model_config(fmt: ModelFormat, max_batch_size: int, num_classes: int, embedding_dim: int, *,
                  name: str | None = None, input_name: str = INPUT, scheduling: bool = True,
-                 into: Message | None = None, parameters: dict[str, str] | None = None) -> Message:
+                 into: Message | None = None, parameters: dict[str, str] | None = None,
+                 known_score: bool = True) -> Message:
     """The ModelConfig of one of the repository's models (`into`, filled in, or a new private-pool message).
 
     max_batch_size > 0, so dims exclude the batch axis. scheduling: dynamic batching (PREFERRED_BATCH_SIZES up
     to max_batch_size, MAX_QUEUE_DELAY_US) and one instance of kind KIND_AUTO, as export writes; False: the
     interface only (what the server derives for a repository without config.pbtxt). parameters: Triton's
-    ModelConfig.parameters (string values), written in key order (export: temperature, detector, threshold)."""
+    ModelConfig.parameters (string values), written in key order (export: temperature, detector, threshold).
+    known_score: the graph's third output (repositories exported since issue 13); False for older graphs."""
     config = into if into is not None else message_type()()
     config.name = name or fmt.directory
     config.backend = fmt.backend
@@ -62,6 +65,8 @@ def model_config(fmt: ModelFormat, max_batch_size: int, num_classes: int, embedd
     config.input.add(name=input_name, data_type="TYPE_UINT8", dims=IMAGE_DIMS)
     config.output.add(name=OUTPUT_LOGITS, data_type="TYPE_FP32", dims=[num_classes])
     config.output.add(name=OUTPUT_EMBEDDING, data_type="TYPE_FP32", dims=[embedding_dim])
+    if known_score:  # [batch]: Triton wants dims [1] with an empty reshape for a tensor of one value per image
+        config.output.add(name=OUTPUT_KNOWN_SCORE, data_type="TYPE_FP32", dims=[1]).reshape.SetInParent()
     if scheduling:
         batching = config.dynamic_batching
         batching.preferred_batch_size.extend(b for b in PREFERRED_BATCH_SIZES if b <= max_batch_size)

@@ -133,13 +133,18 @@ def test_config_pbtxt_matches_graph(repo, model_dir, backend, graph):
     (inp,) = cfg.input
     assert (inp.name, inp.data_type, list(inp.dims)) == ("image", model_config_pb2.TYPE_UINT8, [1, 28, 28])
     assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [
-        ("logits", model_config_pb2.TYPE_FP32, [10]), ("embedding", model_config_pb2.TYPE_FP32, [128])]
+        ("logits", model_config_pb2.TYPE_FP32, [10]), ("embedding", model_config_pb2.TYPE_FP32, [128]),
+        ("known_score", model_config_pb2.TYPE_FP32, [1])]
+    # known_score is [batch] in the graph: Triton's way to say so is dims [1] with an empty reshape
+    assert [(o.HasField("reshape"), list(o.reshape.shape)) for o in cfg.output] == [(False, []), (False, []), (True, [])]
     x = torch.zeros(5, 1, 28, 28, dtype=torch.uint8)
     if graph == "onnx":
-        logits, emb, _ = load_onnx_session(out / model_dir / "1" / "model.onnx").run(None, {"image": x.numpy()})
+        outs = load_onnx_session(out / model_dir / "1" / "model.onnx").run(None, {"image": x.numpy()})
     else:
-        logits, emb, _ = (t.numpy() for t in load_torchscript(out / model_dir / "1" / "model.pt")(x))
-    assert [list(logits.shape[1:]), list(emb.shape[1:])] == [list(o.dims) for o in cfg.output]
+        outs = [t.numpy() for t in load_torchscript(out / model_dir / "1" / "model.pt")(x)]
+    assert [list(o.shape) for o in outs] == [[5, 10], [5, 128], [5]]
+    assert [list(o.shape[1:]) for o in outs] == [list(o.reshape.shape if o.HasField("reshape") else o.dims)
+                                                 for o in cfg.output]
 
 
 @pytest.mark.parametrize("model_dir", [ONNX_DIR, TS_DIR])
@@ -310,7 +315,7 @@ def test_exported_accuracy_must_match_the_checkpoint_within_the_devices_slack(co
 
 # --- calibration and open-set score (issue 13) ----------------------------------------------------
 
-@pytest.mark.parametrize("detector", ["max_cosine", "mahalanobis"])
+@pytest.mark.parametrize("detector", ["max_cosine", "mahalanobis", "multilayer_mahalanobis"])
 def test_fitted_export_records_temperature_and_threshold_and_graphs_agree(tmp_path, tiny_checkpoint, detector):
     from export import open_set
 
@@ -337,7 +342,7 @@ def test_fitted_export_records_temperature_and_threshold_and_graphs_agree(tmp_pa
         assert manifest["parity"]["batches"]["full"][runtime]["known_score"] <= 1e-4 * max(
             1.0, manifest["parity"]["batches"]["full"][runtime]["known_score_scale"])
     known = load_onnx_session(out / ONNX_DIR / "1" / "model.onnx").run(["known_score"], {"image": images.numpy()})[0]
-    rows = np.arange(64) if detector == "max_cosine" else np.arange(1, 64, 2)  # mahalanobis: thresholded on odd rows
+    rows = np.arange(64) if detector == "max_cosine" else np.arange(1, 64, 2)  # mahalanobis*: thresholded on odd rows
     assert (known[rows] >= record["threshold"] - 1e-5 * max(1.0, abs(record["threshold"]))).mean() >= 0.9
     if detector == "max_cosine":
         logits, embedding = load_onnx_session(out / ONNX_DIR / "1" / "model.onnx").run(
@@ -345,6 +350,40 @@ def test_fitted_export_records_temperature_and_threshold_and_graphs_agree(tmp_pa
         ckpt = load_checkpoint(tiny_checkpoint)
         weight = rebuild_model(ckpt).head.weight.detach().numpy()
         assert np.allclose(known, open_set.score("max_cosine", logits, embedding, weight), atol=1e-5)
+
+
+def test_multilayer_mahalanobis_in_the_graph_is_the_numpy_reference(tiny_checkpoint):
+    """The graph's known_score (eager, as exported) is open_set.multilayer_mahalanobis on the stage taps + embedding,
+    and the taps are the channel means after each pooling stage."""
+    from export import open_set
+    from export.inference_module import stage_features
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    net = rebuild_model(ckpt).eval()
+    images, labels = _synthetic(80, seed=11)
+    base = build_inference_module(net, ckpt["config"]["normalization"], detector="max_cosine")
+    features = [f.numpy() for f in stage_features(base, images)]
+    pools = sum(isinstance(m, torch.nn.MaxPool2d) for m in net.backbone)
+    assert len(features) == pools + 1 and features[-1].shape[1] == int(ckpt["config"]["embedding_dim"])
+    with torch.no_grad():  # the first tap by hand: run the backbone up to its first pool, average over H and W
+        x = normalize(images, ckpt["config"]["normalization"]["mean"], ckpt["config"]["normalization"]["std"])
+        first = next(i for i, m in enumerate(net.backbone) if isinstance(m, torch.nn.MaxPool2d))
+        assert np.allclose(features[0], net.backbone[:first + 1](x).mean(dim=(2, 3)).numpy(), atol=1e-5)
+        assert np.allclose(features[-1], net.embed(x).numpy(), atol=1e-5)
+    y = labels.numpy()
+    fitted = open_set.fit_multilayer_mahalanobis([f[0::2] for f in features], y[0::2],
+                                                 [f[1::2] for f in features], 10)
+    for layer, f in zip(fitted["layers"], features):  # standardised on the spread rows: median 0, spread 1 there
+        d = (open_set.mahalanobis_distance(f[1::2], layer) - layer["center"]) / layer["scale"]
+        assert abs(np.median(d)) < 1e-9 and np.std(d) == pytest.approx(1.0)
+    module = build_inference_module(net, ckpt["config"]["normalization"], detector="multilayer_mahalanobis",
+                                    fitted=fitted)
+    with torch.no_grad():
+        known = module(images)[2].numpy().astype(np.float64)
+    reference = open_set.multilayer_mahalanobis(features, fitted)
+    assert np.allclose(known, reference, rtol=1e-4, atol=1e-3 * max(1.0, float(np.abs(reference).max())))
+    with pytest.raises(ValueError, match="stage"):
+        open_set.score("multilayer_mahalanobis", None, None, None)
 
 
 def test_checkpoint_without_held_out_is_exported_unfitted_and_says_so(tmp_path, tiny_checkpoint):

@@ -195,7 +195,8 @@ def test_model_config_is_tritons_as_this_server_runs_it(triton):
     assert config["backend"] == "onnxruntime" and config["max_batch_size"] == 256
     assert config["input"] == [{"name": "image", "data_type": "TYPE_UINT8", "dims": ["1", "28", "28"]}]
     assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [
-        ("logits", "TYPE_FP32", ["10"]), ("embedding", "TYPE_FP32", ["128"])]
+        ("logits", "TYPE_FP32", ["10"]), ("embedding", "TYPE_FP32", ["128"]), ("known_score", "TYPE_FP32", ["1"])]
+    assert "reshape" not in config["output"][0] and config["output"][2]["reshape"] == {}  # [batch] in the graph
     batching = config["dynamic_batching"]
     assert batching["max_queue_delay_microseconds"] == "200"
     assert batching["default_queue_policy"]["max_queue_size"] == 1024

@@ -140,7 +140,9 @@ def test_exported_config_pbtxt_round_trips_through_model_config(model_repository
         assert config == expected
         assert (config.name, config.backend, config.max_batch_size) == (entry.name, entry.backend, 256)
         assert [(i.name, list(i.dims)) for i in config.input] == [(manifest.input_name, [1, 28, 28])]
-        assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [10]), ("embedding", [128])]
+        assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [10]), ("embedding", [128]),
+                                                                    ("known_score", [1])]
+        assert config.output[2].HasField("reshape") and not config.output[2].reshape.shape  # [batch] in the graph
         assert list(config.dynamic_batching.preferred_batch_size) == [8, 32, 64]
 
 
@@ -176,7 +178,7 @@ def test_server_reads_config_pbtxt_or_derives_it(repo_copy, helpers):
         onnx = manifest.models["lsoftmax_mnist_onnx"]
         config = read_model_config(onnx, manifest)
         assert (config.name, config.backend, config.max_batch_size) == (onnx.name, "onnxruntime", 256), config
-        assert [i.name for i in config.input] == ["image"] and [o.name for o in config.output] == ["logits", "embedding"]
+        assert [i.name for i in config.input] == ["image"] and [o.name for o in config.output] == ["logits", "embedding", "known_score"]
         assert not config.HasField("dynamic_batching") and not config.instance_group
         batching = BatchingConfig(max_batch_size=64, max_queue_delay_us=100, max_queue_size=10, enabled=True)
         effective = effective_config(config, onnx, "cpu", batching)
