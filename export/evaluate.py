@@ -145,7 +145,7 @@ def plot_histograms(known: dict, unknown: dict[str, dict], path: str | Path, thr
     for ax, name in zip(axes, panels):
         values = [known[name]] + [u[name] for u in unknown.values()]
         lo, hi = min(float(np.min(v)) for v in values), max(float(np.max(v)) for v in values)
-        if name == "known_score" and detector == "mahalanobis":  # long left tail: clip to where digits live
+        if name == "known_score" and detector != "max_cosine":  # long left tail: clip to where digits live
             lo = max(lo, float(np.percentile(known[name], 0.1)) - 4 * float(np.std(known[name])))
         bins = np.linspace(lo, hi, 60)
         ax.hist(np.clip(known[name], lo, hi), bins=bins, density=True, alpha=0.55, label="MNIST test digits",
