@@ -57,19 +57,23 @@ class _LSoftmaxFunction(torch.autograd.Function):
         d out_y / d p = (psi'(c) + beta) / (1 + beta),   d out_y / d N = (psi(c) - c psi'(c)) / (1 + beta),
     with psi'(c) = (-1)^k m U_{m-1}(c). p flows back through W x like every other logit, and N through
     d N / d x = ||W_y|| x / ||x||, d N / d W_y = ||x|| W_y / ||W_y||.
+
+    Every per-sample quantity is a [B, 1] column, so gather/scatter/addcmul_ take them without the
+    squeeze/unsqueeze views (each a dispatch of its own at this size). Under autocast the caller
+    (LSoftmaxLinear.forward) casts to float32 and turns autocast off, which torch.amp.custom_fwd/bwd did
+    at the cost of an autocast context manager in every backward.
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # the margin needs fp32 under AMP
     def forward(ctx, x, weight, target, beta, layer: "LSoftmaxLinear"):
         # beta: a float, or a 0-dim tensor on the GPU (reading it as a float there would wait for the GPU
         # at every step; the arithmetic below takes either).
         logits = x.mm(weight.t())  # [B, C]
         t = target.view(-1, 1)
-        p = logits.gather(1, t).squeeze(1)  # W_y^T x, [B]
-        w_norm = torch.linalg.vector_norm(weight, dim=1)  # [C]
-        a = w_norm.index_select(0, target)  # ||W_y||
-        b = torch.linalg.vector_norm(x, dim=1)  # ||x||
+        p = logits.gather(1, t)  # W_y^T x, [B, 1]
+        w_norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)  # [C, 1]
+        a = w_norm.index_select(0, target)  # ||W_y||, [B, 1]
+        b = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # ||x||, [B, 1]
         n = a * b
         c = (p / n.clamp_min(_NORM_EPS)).clamp_(-1.0, 1.0)
         psi, dpsi = layer.psi_and_derivative(c)
@@ -79,33 +83,45 @@ class _LSoftmaxFunction(torch.autograd.Function):
             out_y = out_y.add_(p * beta).div_(1.0 + beta)
         elif beta != 0:
             out_y = out_y.add_(p, alpha=beta).mul_(1.0 / (1.0 + beta))
-        logits.scatter_(1, t, out_y.unsqueeze(1))
+        logits.scatter_(1, t, out_y)
         ctx.save_for_backward(x, weight, target)
         # Intermediates (neither inputs nor outputs) may live on ctx directly: cheaper than saved variables.
-        ctx.intermediates = (a, b, w_norm, c, psi, dpsi)
+        ctx.intermediates = (t, a, b, w_norm, c, psi, dpsi)
         ctx.beta = beta
         return logits
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
+        if torch.is_autocast_enabled(grad_out.device.type):  # the forward ran in float32 without autocast
+            with torch.autocast(grad_out.device.type, enabled=False):
+                return _LSoftmaxFunction._backward(ctx, grad_out)
+        return _LSoftmaxFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         x, weight, target = ctx.saved_tensors
-        a, b, w_norm, c, psi, dpsi = ctx.intermediates
-        inv = 1.0 / (1.0 + ctx.beta)
-        t = target.view(-1, 1)
-        g_y = grad_out.gather(1, t).squeeze(1)
-        d_p = (dpsi + ctx.beta) * inv
-        d_n = torch.addcmul(psi, c, dpsi, value=-1.0).mul_(inv)
-        grad = grad_out.scatter(1, t, (g_y * d_p).unsqueeze(1))  # dL/d(W x) with the target column replaced
-        s = g_y * d_n  # dL/dN, [B]
+        t, a, b, w_norm, c, psi, dpsi = ctx.intermediates
+        beta = ctx.beta
+        g_y = grad_out.gather(1, t)  # [B, 1]
+        # With beta = 0 (a float) the blend is the identity: d_p = psi', d_n = psi - c psi', bit for bit
+        # what (. + 0) * 1 gives, two ops fewer.
+        d_n = torch.addcmul(psi, c, dpsi, value=-1.0)
+        if isinstance(beta, torch.Tensor) or beta != 0:
+            inv = 1.0 / (1.0 + beta)
+            d_p = (dpsi + beta).mul_(inv)
+            d_n.mul_(inv)
+        else:
+            d_p = dpsi
+        grad = grad_out.scatter(1, t, g_y * d_p)  # dL/d(W x) with the target column replaced
+        s = g_y.mul_(d_n)  # dL/dN, [B, 1] (g_y is a fresh tensor from gather)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = grad.mm(weight)
-            grad_x.addcmul_((s * a / b.clamp_min(_NORM_EPS)).unsqueeze(1), x)
+            grad_x.addcmul_(s * a / b.clamp_min(_NORM_EPS), x)
         if ctx.needs_input_grad[1]:
             grad_w = grad.t().mm(x)
             per_class = torch.zeros_like(w_norm).index_add_(0, target, s * b)
-            grad_w.addcmul_((per_class / w_norm.clamp_min(_NORM_EPS)).unsqueeze(1), weight)
+            grad_w.addcmul_(per_class / w_norm.clamp_min(_NORM_EPS), weight)
         return grad_x, grad_w, None, None, None
 
 
@@ -154,7 +170,7 @@ class LSoftmaxLinear(nn.Module):
             return c, torch.ones_like(c)
         thresholds, table, one = self._tables(c)
         i = torch.bucketize(c, thresholds, right=True)
-        t_sign, offset, d_sign = table.index_select(0, i).unbind(1)
+        t_sign, offset, d_sign = F.embedding(i, table).unbind(-1)  # rows by bucket, any shape of c
         r_prev, r = one, c + c  # r_0 = U_0 = 1, r_1 = U_1 = 2c
         for n in range(1, m - 1):
             r_prev, r = r, torch.addcmul(r_prev, c, r, value=-2.0 if n % 2 else 2.0)
@@ -185,10 +201,17 @@ class LSoftmaxLinear(nn.Module):
         if not self.training or target is None or self.margin == 1:
             # m = 1: psi(theta) = cos(theta), so f_y = W_y^T x and the blend is the identity.
             return F.linear(x, self.weight)
-        if x.dtype != self.weight.dtype:
-            x = x.to(self.weight.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            # The margin needs float32 under AMP: cos(m theta) is a degree-m polynomial.
+            with torch.autocast(x.device.type, enabled=False):
+                return self._margin_logits(x.float(), self.weight.float(), target)
+        return self._margin_logits(x, self.weight, target)
+
+    def _margin_logits(self, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
         beta = float(self.beta) if self.beta.device.type == "cpu" else self.beta.to(x.dtype)
-        return _LSoftmaxFunction.apply(x, self.weight, target.reshape(-1), beta, self)
+        return _LSoftmaxFunction.apply(x, weight, target.reshape(-1), beta, self)
 
 
 class BetaSchedule:
