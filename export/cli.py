@@ -33,6 +33,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-on-training-images", action="store_true",
                    help="for a checkpoint without a held-out split: fit the temperature and threshold on the last "
                         "5000 training images, which the net trained on (recorded in the manifest)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write lsoftmax_mnist_onnx_int8: the ONNX graph statically quantised (QDQ, per-channel), "
+                        "calibrated on the held-out images and verified against FP32 (serve it with --model)")
     return p
 
 
@@ -47,7 +50,8 @@ def main(argv=None) -> int:
     try:
         export_repository(args.checkpoint, args.out, force=args.force, max_batch_size=args.max_batch_size,
                           opset=args.opset, data_dir=args.data_dir, cache_dir=args.cache_dir, detector=args.detector,
-                          accept_rate=args.accept_rate, fit_on_training_images=args.fit_on_training_images)
+                          accept_rate=args.accept_rate, fit_on_training_images=args.fit_on_training_images,
+                          int8=args.int8)
     except (ExportError, CheckpointError, ParityError, DataError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

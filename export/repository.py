@@ -12,6 +12,7 @@ table, manifest.json structure, config.pbtxt as Triton's ModelConfig) is the ser
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -24,9 +25,11 @@ import torch
 from export.graphs import load_onnx_session, load_torchscript, onnx_report, write_onnx, write_torchscript
 from export import open_set
 from export.inference_module import build_inference_module, stage_features
+from export.quantize import Int8Error, build_int8
 from export.verify import ParityReport, check_parity
-from serving.repository_config import model_config, write_config
-from serving.repository_format import FORMATS, IMAGE_DIMS, MANIFEST_FORMAT, MODEL_PREFIX, ModelFormat
+from serving.repository_config import model_config, read_config, write_config
+from serving.repository_format import (BY_KIND, CONFIG_FILE, DEFAULT_VERSION, FORMATS, IMAGE_DIMS, MANIFEST_FILE,
+                                       MANIFEST_FORMAT, MODEL_PREFIX, ONNX_INT8_MODEL, ModelFormat)
 from serving.repository_manifest import InputSpec, ModelSpec, RepositoryManifest, TensorSpec, write_manifest
 from training.checkpoint import fsync_dir, load_checkpoint, rebuild_model
 from training.data import sha256_file
@@ -296,18 +299,62 @@ def _build(tmp: Path, checkpoint: Path, ckpt: dict, net, inference, images, labe
     return manifest, report
 
 
+NO_INT8_CALIBRATION = ("{checkpoint} records no held-out images to calibrate the INT8 model's activation ranges on "
+                       "(the test set only verifies it); retrain with a held-out split, or add --fit-on-training-images "
+                       "to calibrate on training images the net has seen (recorded in the manifest)")
+
+
+def _add_int8(tmp: Path, manifest: RepositoryManifest, calibration_images: torch.Tensor, calibrated_on: dict,
+              images: torch.Tensor, labels: torch.Tensor | None, log) -> RepositoryManifest:
+    """REPO/lsoftmax_mnist_onnx_int8/{config.pbtxt, 1/model.onnx}: the verified FP32 ONNX graph quantised and
+    checked against it (export.quantize), with the FP32 model's config.pbtxt under its own name, listed in
+    manifest.json (models, files) with its `int8` record. A broken bound fails the export."""
+    fp32 = BY_KIND["onnx"]
+    path = tmp / ONNX_INT8_MODEL / DEFAULT_VERSION / fp32.filename
+    path.parent.mkdir(parents=True)
+    threshold = (manifest.records.get("open_set") or {}).get("threshold")
+    try:
+        record = build_int8(tmp / fp32.file(), path, calibration_images.numpy(), calibrated_on, images.numpy(),
+                            None if labels is None else labels.numpy(), threshold)
+    except Int8Error as exc:
+        raise ExportError(str(exc)) from None
+    config = read_config(tmp / fp32.directory / CONFIG_FILE)
+    config.name = ONNX_INT8_MODEL
+    write_config(tmp / ONNX_INT8_MODEL, config)
+    files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
+             if p.is_file() and p.name != MANIFEST_FILE}
+    spec = ModelSpec(backend=fp32.backend, file=path.relative_to(tmp).as_posix(), sha256=sha256_file(path))
+    manifest = dataclasses.replace(manifest, models={**manifest.models, ONNX_INT8_MODEL: spec}, files=files,
+                                   records={**manifest.records, "int8": record})
+    write_manifest(tmp, manifest)
+    check = record["verification"]
+    accuracy = check["accuracy"] or {}
+    log(f"int8: {ONNX_INT8_MODEL} ({len(record['quantized_nodes'])} Conv nodes quantised) vs FP32 on {check['images']} "
+        f"images: top-1 agreement {check['top1_agreement']:.2f}%, accuracy "
+        + (f"{accuracy['fp32']:.2f}% -> {accuracy['int8']:.2f}%" if accuracy else "n/a")
+        + f", embedding cosine mean {check['embedding_cosine_mean']:.5f} (min {check['embedding_cosine_min']:.4f})"
+        + (f", max|dknown_score| {check['known_score_max_abs_diff']:.3g} (of {check['known_score_scale']:.3g})"
+           if check["known_score_max_abs_diff"] is not None else "")
+        + (f", accept/reject agreement {check['decision_agreement']:.2f}%" if check["decision_agreement"] is not None
+           else ""))
+    return manifest
+
+
 def export_repository(checkpoint: str | Path, out: str | Path, force: bool = False,
                       images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                       max_batch_size: int = 256, opset: int = 17, data_dir=None, cache_dir=None,
                       log=print, detector: str = open_set.DEFAULT_DETECTOR,
                       accept_rate: float = open_set.DEFAULT_ACCEPT_RATE, fit_images: torch.Tensor | None = None,
-                      fit_labels: torch.Tensor | None = None, fit_on_training_images: bool = False) -> dict:
+                      fit_labels: torch.Tensor | None = None, fit_on_training_images: bool = False,
+                      int8: bool = False) -> dict:
     """Export, verify and lay out a repository; returns the manifest (with the parity report).
 
     images/labels: uint8 [N, 1, 28, 28] / int64 [N] to verify on; default: the full MNIST test set.
     The temperature and the known_score threshold are fitted on the checkpoint's held-out training images
     (fit_images/fit_labels instead when given; the last 5000 training images with fit_on_training_images; else
     not fitted: temperature 1 and no threshold, said in one line). detector: max_cosine or mahalanobis.
+    int8: add the statically quantised ONNX model (export.quantize), calibrated on those same fit images (refused
+    without them) and verified against the FP32 graph on the verification images.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if detector not in open_set.IN_GRAPH:
@@ -319,6 +366,8 @@ def export_repository(checkpoint: str | Path, out: str | Path, force: bool = Fal
     ckpt["_path"] = str(checkpoint)
     fit_x, fit_y, fitted_on = _fit_set(ckpt, checkpoint, fit_images, fit_labels, fit_on_training_images, data_dir,
                                        cache_dir)
+    if int8 and fit_x is None:
+        raise ExportError(NO_INT8_CALIBRATION.format(checkpoint=checkpoint))
     inference, calibration, open_set_record = _fit(net, ckpt, fit_x, fit_y, fitted_on, detector, accept_rate, log)
     fits = {"calibration": calibration, "open_set": open_set_record}
     images, labels, on_full_test_set = _verification_set(images, labels, ckpt["config"], data_dir, cache_dir)
@@ -328,6 +377,8 @@ def export_repository(checkpoint: str | Path, out: str | Path, force: bool = Fal
     try:
         manifest, report = _build(tmp, checkpoint, ckpt, net, inference, images, labels, on_full_test_set,
                                   max_batch_size, opset, fits)
+        if int8:
+            manifest = _add_int8(tmp, manifest, fit_x, fitted_on, images, labels, log)
         _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 __all__ = ["INPUT", "OUTPUT_LOGITS", "OUTPUT_EMBEDDING", "OUTPUT_KNOWN_SCORE", "OUTPUTS", "OPTIONAL_OUTPUTS",
            "ALL_OUTPUTS", "INPUT_DATATYPE", "OUTPUT_DATATYPE",
            "IMAGE_DIMS", "MODEL_PREFIX", "DEFAULT_VERSION", "MANIFEST_FILE", "CONFIG_FILE", "MANIFEST_FORMAT",
-           "MANIFEST_VERSION", "ModelFormat", "FORMATS", "BY_KIND", "BY_BACKEND", "format_named"]
+           "MANIFEST_VERSION", "ModelFormat", "FORMATS", "BY_KIND", "BY_BACKEND", "format_named", "ONNX_INT8_MODEL"]
 
 # Tensors (ONNX graph names, KServe tensor names, config.pbtxt input/output names).
 INPUT = "image"
@@ -66,6 +66,11 @@ FORMATS = (
 )
 BY_KIND = {f.kind: f for f in FORMATS}
 BY_BACKEND = {f.backend: f for f in FORMATS}
+# The statically quantised ONNX graph (`python -m export --int8`): a second model of the onnx format (backend
+# "onnxruntime", so it loads and serves like the FP32 one), told apart by its folder, i.e. its model name
+# (`python -m serving --model lsoftmax_mnist_onnx_int8`). Not in FORMATS: a format is one per Triton backend, and
+# the default ONNX model stays the FP32 one (the first onnx model by name).
+ONNX_INT8_MODEL = f"{BY_KIND['onnx'].directory}_int8"
 
 
 def format_named(name: str) -> ModelFormat:
