@@ -11,10 +11,12 @@ from serving.logs import LOG_LEVELS
 from serving.security import TOKEN_ENV
 from serving.servicer import Limits
 
-__all__ = ["get_args_parser", "DEFAULT_QUEUE_DELAY_US", "DEFAULT_QUEUE_SIZE", "DEFAULT_MAX_CONCURRENT_RPCS"]
+__all__ = ["get_args_parser", "DEFAULT_QUEUE_DELAY_US", "DEFAULT_QUEUE_SIZE", "DEFAULT_MAX_CONCURRENT_RPCS",
+           "DEFAULT_INTRA_OP_THREADS"]
 
 DEFAULT_QUEUE_DELAY_US = 0  # measured best on CPU (loadgen sweep): a busy backend already gathers the next batch
 DEFAULT_QUEUE_SIZE = 1024
+DEFAULT_INTRA_OP_THREADS = 1  # measured (issue 16): see --intra-op-threads' help
 DEFAULT_MAX_CONCURRENT_RPCS = 512  # beyond it gRPC answers RESOURCE_EXHAUSTED; bounds memory held by requests
 
 
@@ -56,6 +58,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-decode-queue", type=_positive(int), default=8,
                    help="large images (over 512x512 pixels) waiting for or in decoding, over all requests; a request "
                         "that would exceed it gets RESOURCE_EXHAUSTED at once")
+    p.add_argument("--intra-op-threads", type=_positive(int, maximum=256), default=DEFAULT_INTRA_OP_THREADS,
+                   help="threads one backend call may use (ONNX Runtime's intra_op_num_threads; torch.set_num_threads "
+                        "for TorchScript). 1 measured best on 2 CPU cores: the event loop, gRPC's poller and the "
+                        "decoders need a core between backend calls, and a second intra-op thread costs a wake-up "
+                        "per operator of a small net (see BENCHMARKS.md, issue 16); raise it on machines with many "
+                        "cores and large batches")
     p.add_argument("--max-concurrent-rpcs", type=_positive(int), default=DEFAULT_MAX_CONCURRENT_RPCS,
                    help="calls handled at once; gRPC refuses more with RESOURCE_EXHAUSTED")
     b = p.add_argument_group("dynamic batching (serving.batching)")

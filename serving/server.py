@@ -71,11 +71,12 @@ DRAIN_QUIET_S = 0.5
 
 
 def _load(entry: ModelEntry, manifest: Manifest, device: str, warmup_batch: int, batching: BatchingConfig,
-          stats: ModelStats) -> tuple[ModelRunner, dict]:
+          stats: ModelStats, intra_op_threads: int | None = None) -> tuple[ModelRunner, dict]:
     """Runs in a worker thread: load the graph, warm it up, check it against the manifest."""
     start = time.perf_counter()
     try:
-        backend = load_backend(entry.kind, entry.path, device, input_name=manifest.input_name)
+        backend = load_backend(entry.kind, entry.path, device, input_name=manifest.input_name,
+                               intra_op_threads=intra_op_threads)
     except OSError as exc:
         raise StartupError(f"{exc.filename or entry.path}: cannot read model {entry.name!r} "
                            f"({exc.strerror or exc})") from None
@@ -249,7 +250,7 @@ async def _load_models(args: argparse.Namespace, plan: _Plan, app: _App, shutdow
         for entry in plan.served:
             loading = loop.run_in_executor(None, _load, entry, plan.manifest, args.device,
                                            min(8, args.max_images_per_request), plan.batching[entry.name],
-                                           app.stats[entry.name])
+                                           app.stats[entry.name], args.intra_op_threads)
             await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
             if shutdown.event.is_set():
                 return loading
@@ -257,7 +258,8 @@ async def _load_models(args: argparse.Namespace, plan: _Plan, app: _App, shutdow
             app.runners[entry.name] = runner
             log_event(logger, logging.INFO, "model_ready", model=entry.name, version=entry.version,
                       backend=runner.backend.kind, device=runner.backend.device,
-                      providers=list(runner.backend.providers), **timing)
+                      providers=list(runner.backend.providers),
+                      intra_op_threads=getattr(runner.backend, "intra_op_threads", None), **timing)
     finally:
         waiter.cancel()
     return None
@@ -274,7 +276,7 @@ def _log_ready(args: argparse.Namespace, plan: _Plan, app: _App) -> None:
               max_message_bytes=plan.limits.max_message_bytes, dynamic_batching=args.dynamic_batching,
               max_batch_size={name: b.max_batch_size for name, b in plan.batching.items()},
               max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
-              metrics_port=app.metrics.port if app.metrics else None)
+              intra_op_threads=args.intra_op_threads, metrics_port=app.metrics.port if app.metrics else None)
 
 
 async def _drain_and_stop(args: argparse.Namespace, app: _App, shutdown: "_Shutdown",

@@ -19,9 +19,11 @@ __all__ = ["Backend", "BACKENDS", "DEVICES", "cuda_available", "load_backend", "
 BACKENDS = {f.kind: f.backend for f in FORMATS}
 
 
-def load_backend(kind: str, path: str | Path, requested_device: str = "auto", input_name: str = INPUT) -> Backend:
+def load_backend(kind: str, path: str | Path, requested_device: str = "auto", input_name: str = INPUT,
+                 intra_op_threads: int | None = None) -> Backend:
     """kind: "onnx" or "torchscript" (or the manifest's "onnxruntime" / "pytorch"); input_name: the graph input
-    the images are fed to (the manifest's input.name; TorchScript's forward takes them by position)."""
+    the images are fed to (the manifest's input.name; TorchScript's forward takes them by position);
+    intra_op_threads: threads one backend call may use (--intra-op-threads; None: the library's default)."""
     device = resolve_device(requested_device)
     try:
         kind = format_named(kind).kind
@@ -30,7 +32,8 @@ def load_backend(kind: str, path: str | Path, requested_device: str = "auto", in
     if kind == "onnx":
         from serving.backends.ort import OrtBackend
 
-        return OrtBackend(path, device, strict=requested_device == "cuda", input_name=input_name)
+        return OrtBackend(path, device, strict=requested_device == "cuda", input_name=input_name,
+                          intra_op_threads=intra_op_threads)
     from serving.backends.torchscript import TorchScriptBackend  # the table's other format
 
-    return TorchScriptBackend(path, device)
+    return TorchScriptBackend(path, device, intra_op_threads=intra_op_threads)

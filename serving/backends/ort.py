@@ -28,9 +28,11 @@ class OrtBackend(Backend):
     kind = BY_KIND["onnx"].backend  # "onnxruntime", as GetModelInfo reports it
 
     def __init__(self, path: str | Path, device: str = "cpu", strict: bool = False,
-                 input_name: str = INPUT, output_names: tuple[str, str] = OUTPUTS) -> None:
+                 input_name: str = INPUT, output_names: tuple[str, str] = OUTPUTS,
+                 intra_op_threads: int | None = None) -> None:
         """device: "cuda" or "cpu" as resolved; strict: fail (instead of falling back to CPU) when CUDA
-        was asked for explicitly but ONNX Runtime cannot use it; input_name: the manifest's input.name."""
+        was asked for explicitly but ONNX Runtime cannot use it; input_name: the manifest's input.name;
+        intra_op_threads: the session's intra-op pool size (None: ONNX Runtime's default, one per core)."""
         import onnxruntime as ort
 
         wanted = [CPU_PROVIDER]
@@ -48,11 +50,14 @@ class OrtBackend(Backend):
         # ONNX Runtime's intra-op threads spin after each call by default, burning the cores the event loop
         # and the gRPC threads need between calls; a server's calls are not back-to-back enough to gain from it.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         except Exception as exc:
             raise StartupError(f"{path}: cannot load ONNX model ({str(exc).strip().splitlines()[0]})") from exc
         self.providers = tuple(self._session.get_providers())
+        self.intra_op_threads = self._session.get_session_options().intra_op_num_threads  # 0: one per core
         if device == "cuda" and CUDA_PROVIDER not in self.providers:
             if strict:
                 raise StartupError(f"--device cuda: onnxruntime could not start {CUDA_PROVIDER} "

@@ -23,8 +23,13 @@ __all__ = ["TorchScriptBackend"]
 class TorchScriptBackend(Backend):
     kind = BY_KIND["torchscript"].kind  # "torchscript", as GetModelInfo reports it
 
-    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, device: str = "cpu", intra_op_threads: int | None = None) -> None:
+        """intra_op_threads: torch.set_num_threads (process-wide; None leaves torch's default, one per core)."""
         import torch
+
+        if intra_op_threads is not None:
+            torch.set_num_threads(intra_op_threads)
+        self.intra_op_threads = torch.get_num_threads()
 
         self._torch = torch
         self._device = torch.device("cuda:0" if device == "cuda" else "cpu")
