@@ -258,3 +258,43 @@ def test_rejected_answers_and_calibrated_probabilities(tmp_path):
     assert ink.probability == pytest.approx(np.exp(2.5) / (np.exp(2.5) + 9), rel=1e-5)
     assert info.temperature == 2.0 and info.known_score_detector == "max_pixel"
     assert info.known_score_threshold == 100.0
+
+
+def test_client_cli_marks_rejected_inputs_and_evaluate_counts_them(tmp_path, capsys):
+    """What a user of `serving.client` sees for non-digits: a REJECTED column in classify's text, rejected and
+    known_score in --json, and evaluate's rejection rate (the fake's known_score is the max pixel, threshold 100)."""
+    from PIL import Image
+
+    from serving.client.cli import get_args_parser, main
+
+    files = []
+    for name, value in (("blank", 0), ("faint", 60), ("inked", 200)):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(np.full((28, 28), value, np.uint8)).save(path)
+        files.append(str(path))
+    images = np.stack([np.full((1, 28, 28), v, np.uint8) for v in (0, 200, 60, 220)])
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", np.array([0, 7, 2, 8], np.int64))
+
+    def cli(address: str, *argv: str) -> tuple[int, str]:
+        code = main(get_args_parser().parse_args([argv[0], "--server", address, *argv[1:]]))
+        return code, capsys.readouterr().out
+
+    async def scenario(app: App):  # the CLI blocks: run it beside the server's event loop
+        text = await asyncio.to_thread(cli, app.address, "classify", "--invert", "never", "--fit", "resize",
+                                   *files)
+        as_json = await asyncio.to_thread(cli, app.address, "classify", "--invert", "never", "--fit", "resize",
+                                      "--json", *files)
+        evaluated = await asyncio.to_thread(cli, app.address, "evaluate", "--input", str(tmp_path / "x.npy"),
+                                            "--labels", str(tmp_path / "y.npy"), "--no-progress")
+        return text, as_json, evaluated
+
+    (code, text), (json_code, as_json), (eval_code, evaluated) = _run(tmp_path, scenario, open_set=True)
+    assert code == json_code == eval_code == 0
+    lines = dict(line.split("\t", 1) for line in text.strip().splitlines())
+    assert "REJECTED: not a digit (known_score 0)" in lines[files[0]]
+    assert "REJECTED: not a digit (known_score 60)" in lines[files[1]]
+    assert "REJECTED" not in lines[files[2]]
+    rows = json.loads(as_json)
+    assert [(r["rejected"], r["known_score"]) for r in rows] == [(True, 0.0), (True, 60.0), (False, 200.0)]
+    assert "rejected as not a digit 50.00% (2/4)" in evaluated
