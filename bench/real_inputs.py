@@ -40,6 +40,7 @@ SERVER_BATCH = 64
 
 Preprocess = Callable[[int, bytes], np.ndarray]
 Model = Callable[[np.ndarray], np.ndarray]  # uint8 [N, 1, 28, 28] -> logits [N, 10]
+Accepts = Callable[[np.ndarray], np.ndarray]  # uint8 [N, 1, 28, 28] -> bool [N]: taken for a digit (not rejected)
 
 
 def load_test_digits(cache_dir: str | None, count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -65,6 +66,25 @@ def load_onnx_model(repository: str | Path) -> Model:
                    for i in range(0, len(batch), 256)]
         return np.concatenate(outputs) if outputs else np.zeros((0, 10), np.float32)
     return run
+
+
+def load_acceptance(repository: str | Path) -> Accepts | None:
+    """The repository's "is this a digit?" answer: known_score >= the manifest's threshold, from the same ONNX
+    graph; None for repositories without a fitted threshold or a known_score output (nothing is rejected there)."""
+    import onnxruntime as ort
+
+    threshold = (json.loads((Path(repository) / "manifest.json").read_text()).get("open_set") or {}).get("threshold")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(Path(repository) / ONNX_MODEL), options, providers=["CPUExecutionProvider"])
+    if threshold is None or "known_score" not in [o.name for o in session.get_outputs()]:
+        return None
+
+    def accepts(batch: np.ndarray) -> np.ndarray:
+        scores = [session.run(["known_score"], {"image": np.ascontiguousarray(batch[i:i + 256], np.uint8)})[0]
+                  for i in range(0, len(batch), 256)]
+        return np.concatenate(scores) >= threshold if scores else np.zeros(0, bool)
+    return accepts
 
 
 def load_function(spec: str) -> Preprocess:
@@ -127,10 +147,13 @@ def classify_remote(files: Sequence[bytes], address: str) -> np.ndarray:
 
 def measure(digits: np.ndarray, labels: np.ndarray, ids: np.ndarray, kinds: Sequence[str], model: Model,
             preprocess: Preprocess | None = None, seed: int = 0, server: str | None = None,
-            log: Callable[[str], None] = lambda _: None) -> dict:
-    """The benchmark's core: {"clean": {...}, "kinds": [row per kind], "samples": {kind: per-image details}}."""
+            log: Callable[[str], None] = lambda _: None, accepts: Accepts | None = None) -> dict:
+    """The benchmark's core: {"clean": {...}, "kinds": [row per kind], "samples": {kind: per-image details}}.
+    accepts: the repository's open-set answer; rows then say how many of these real digits it takes for digits
+    (an input the preprocessing refused counts as not accepted). Not measured through --server."""
     clean = model(digits[:, None]).argmax(axis=1)
     clean_correct = clean == labels
+    clean_accepted = accepts(digits[:, None]) if accepts is not None else None
     rows, samples = [], {}
     for kind in kinds:
         started = time.perf_counter()
@@ -149,22 +172,30 @@ def measure(digits: np.ndarray, labels: np.ndarray, ids: np.ndarray, kinds: Sequ
             "rejected": int((predictions < 0).sum()),
             "preprocess_ms_median": statistics.median(times) if times else None,
             "clean_right_kind_wrong": int((clean_correct & ~correct).sum()),
+            "accepted": (100.0 * (ok & accepts(seen[:, None])).mean()
+                         if accepts is not None and server is None and seen is not None else None),
+            "clean_accepted": None if clean_accepted is None else 100.0 * clean_accepted.mean(),
         })
         samples[kind] = {"files": files, "seen": seen, "predictions": predictions}
         log(f"{kind}: accuracy {rows[-1]['accuracy']:.1f}% (clean {rows[-1]['clean_accuracy']:.1f}%)")
-    return {"clean": {"images": len(labels), "accuracy": 100.0 * clean_correct.mean()}, "kinds": rows,
+    return {"clean": {"images": len(labels), "accuracy": 100.0 * clean_correct.mean(),
+                      "accepted": None if clean_accepted is None else 100.0 * clean_accepted.mean()}, "kinds": rows,
             "samples": samples, "clean_predictions": clean}
 
 
 def markdown(result: dict, command: str, pipeline: str) -> str:
+    """The table; with an open-set answer, one more column: the share taken for digits (clean: same digits)."""
+    open_set = any(r.get("accepted") is not None for r in result["kinds"])
     lines = [f"Pipeline: {pipeline}", "",
              "| kind | images | accuracy | clean accuracy (same digits) | gap (points) | rejected "
-             "| preprocess median ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| preprocess median ms |" + (" accepted as digits (clean) |" if open_set else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if open_set else "")]
     for r in result["kinds"]:
         ms = "n/a" if r["preprocess_ms_median"] is None else f"{r['preprocess_ms_median']:.2f}"
+        accepted = (" n/a |" if r.get("accepted") is None else
+                    f" {r['accepted']:.1f}% ({r['clean_accepted']:.1f}%) |") if open_set else ""
         lines.append(f"| {r['kind']} | {r['images']} | {r['accuracy']:.1f}% | {r['clean_accuracy']:.1f}% | "
-                     f"{r['gap']:.1f} | {r['rejected']} | {ms} |")
+                     f"{r['gap']:.1f} | {r['rejected']} | {ms} |" + accepted)
     lines += ["", f"Command: `{command}`"]
     return "\n".join(lines)
 
@@ -293,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.server:
         pipeline = f"server {args.server}" + (f" (strip: {pipeline})" if args.strip else "")
     result = measure(digits, labels, ids, kinds, model, preprocess if (args.strip or not args.server) else None,
-                     args.seed, args.server, log)
+                     args.seed, args.server, log, accepts=load_acceptance(args.model_repository))
     if args.strip:
         write_strip(result, labels, args.strip)
         log(f"strip written to {args.strip}")

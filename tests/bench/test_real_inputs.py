@@ -157,7 +157,7 @@ def _simple_preprocess(index: int, data: bytes) -> np.ndarray:
 def test_measure_core_with_a_fake_model():
     ids, images, labels = _digits()
     result = real_inputs.measure(images, labels, ids, ["upscaled", "canvas"], _fake_model, _simple_preprocess)
-    assert result["clean"] == {"images": 10, "accuracy": 100.0}
+    assert result["clean"] == {"images": 10, "accuracy": 100.0, "accepted": None}
     rows = {r["kind"]: r for r in result["kinds"]}
     assert rows["upscaled"]["rejected"] == 1 and rows["upscaled"]["accuracy"] == 90.0
     assert rows["upscaled"]["gap"] == pytest.approx(10.0)
@@ -169,9 +169,25 @@ def test_measure_core_with_a_fake_model():
     assert again == result["samples"]["canvas"]["files"][3:5]
 
 
+def test_measure_says_how_many_real_digits_the_open_set_answer_takes_for_digits():
+    """accepts: the repository's known_score >= threshold; a refused input is never 'accepted'."""
+    ids, images, labels = _digits()
+    faint = lambda batch: batch.reshape(len(batch), -1).max(axis=1) >= 200  # noqa: E731 - "digits" have bright ink
+    result = real_inputs.measure(images, labels, ids, ["upscaled"], _fake_model, _simple_preprocess, accepts=faint)
+    row = result["kinds"][0]
+    seen, predictions = result["samples"]["upscaled"]["seen"], result["samples"]["upscaled"]["predictions"]
+    expected = 100.0 * ((predictions >= 0) & (seen.reshape(10, -1).max(axis=1) >= 200)).mean()
+    assert row["accepted"] == pytest.approx(expected) and row["accepted"] <= 90.0  # one input is refused
+    assert row["clean_accepted"] == result["clean"]["accepted"] == pytest.approx(
+        100.0 * (images.reshape(10, -1).max(axis=1) >= 200).mean())
+    table = real_inputs.markdown(result, "cmd", "pipeline")
+    assert "accepted as digits (clean)" in table and f"{row['accepted']:.1f}% ({row['clean_accepted']:.1f}%)" in table
+
+
 def test_cli_end_to_end_with_fakes(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(real_inputs, "load_test_digits", lambda cache_dir, count, seed: _digits(count))
     monkeypatch.setattr(real_inputs, "load_onnx_model", lambda repository: _fake_model)
+    monkeypatch.setattr(real_inputs, "load_acceptance", lambda repository: None)  # an unfitted repository
     strip, saved = tmp_path / "strip.png", tmp_path / "files"
     argv = ["--model-repository", str(tmp_path), "--kinds", "photo,upscaled", "--count", "4",
             "--strip", str(strip), "--save", str(saved)]
