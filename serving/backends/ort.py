@@ -75,9 +75,14 @@ class OrtBackend(Backend):
         # known_score (repositories since issue 13) comes third when the graph has it; older graphs serve without.
         self._outputs = list(output_names) + [name for name in OPTIONAL_OUTPUTS if name in outputs]
         self.has_known_score = len(self._outputs) > len(output_names)
+        # On CPU, the binding's run directly: InferenceSession.run re-validates the input names, OrtValue ownership
+        # and WebGPU graph capture on every call (~15% of the GIL-holding time of a batch-1 request in py-spy, issue
+        # 16), all fixed at load here. CUDA sessions keep the public run for its provider fallback.
+        binding = getattr(self._session, "_sess", None)
+        self._run = binding.run if binding is not None and self.device == "cpu" else self._session.run
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(out.astype(np.float32, copy=False) for out in self._session.run(self._outputs, {self._input: images}))
+        return tuple(out.astype(np.float32, copy=False) for out in self._run(self._outputs, {self._input: images}, None))
 
     def close(self) -> None:
-        self._session = None
+        self._session = self._run = None
