@@ -69,25 +69,31 @@ class _LSoftmaxFunction(torch.autograd.Function):
         # beta: a float, or a 0-dim tensor on the GPU (reading it as a float there would wait for the GPU
         # at every step; the arithmetic below takes either).
         logits = x.mm(weight.t())  # [B, C]
-        t = target.view(-1, 1)
+        t = target.reshape(-1, 1)  # the only index tensor: gather/scatter/take/scatter_add_ all take [B, 1]
         p = logits.gather(1, t)  # W_y^T x, [B, 1]
         w_norm = torch.linalg.vector_norm(weight, dim=1, keepdim=True)  # [C, 1]
-        a = w_norm.index_select(0, target)  # ||W_y||, [B, 1]
+        a = w_norm.take(t)  # ||W_y||, [B, 1]
         b = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # ||x||, [B, 1]
         n = a * b
         c = (p / n.clamp_min(_NORM_EPS)).clamp_(-1.0, 1.0)
         psi, dpsi = layer.psi_and_derivative(c)
         out_y = n * psi
         # (n psi + beta p) / (1 + beta)
+        inv = None
         if isinstance(beta, torch.Tensor):
             out_y = out_y.add_(p * beta).div_(1.0 + beta)
         elif beta != 0:
-            out_y = out_y.add_(p, alpha=beta).mul_(1.0 / (1.0 + beta))
+            # 1 / (1 + beta) as a 0-dim tensor, made once and used here and three times in backward: an op
+            # between a tensor and a Python float costs ~2 us more than one between two tensors (it wraps
+            # the float in a fresh tensor each time); same float32 value, so the same bits.
+            inv = torch.scalar_tensor(1.0 / (1.0 + beta), dtype=x.dtype, device=x.device)
+            out_y = out_y.add_(p, alpha=beta).mul_(inv)
+            ctx.one = layer._tables(c)[2]
         logits.scatter_(1, t, out_y)
-        ctx.save_for_backward(x, weight, target)
+        ctx.save_for_backward(x, weight)
         # Intermediates (neither inputs nor outputs) may live on ctx directly: cheaper than saved variables.
         ctx.intermediates = (t, a, b, w_norm, c, psi, dpsi)
-        ctx.beta = beta
+        ctx.beta, ctx.inv = beta, inv
         return logits
 
     @staticmethod
@@ -99,16 +105,20 @@ class _LSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
-        x, weight, target = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         t, a, b, w_norm, c, psi, dpsi = ctx.intermediates
         beta = ctx.beta
         g_y = grad_out.gather(1, t)  # [B, 1]
         # With beta = 0 (a float) the blend is the identity: d_p = psi', d_n = psi - c psi', bit for bit
         # what (. + 0) * 1 gives, two ops fewer.
         d_n = torch.addcmul(psi, c, dpsi, value=-1.0)
-        if isinstance(beta, torch.Tensor) or beta != 0:
+        if isinstance(beta, torch.Tensor):
             inv = 1.0 / (1.0 + beta)
             d_p = (dpsi + beta).mul_(inv)
+            d_n.mul_(inv)
+        elif beta != 0:
+            inv = ctx.inv
+            d_p = torch.add(dpsi, ctx.one, alpha=beta).mul_(inv)  # (psi' + beta * 1) / (1 + beta)
             d_n.mul_(inv)
         else:
             d_p = dpsi
@@ -120,7 +130,7 @@ class _LSoftmaxFunction(torch.autograd.Function):
             grad_x.addcmul_(s * a / b.clamp_min(_NORM_EPS), x)
         if ctx.needs_input_grad[1]:
             grad_w = grad.t().mm(x)
-            per_class = torch.zeros_like(w_norm).index_add_(0, target, s * b)
+            per_class = torch.zeros_like(w_norm).scatter_add_(0, t, s * b)
             grad_w.addcmul_(per_class / w_norm.clamp_min(_NORM_EPS), weight)
         return grad_x, grad_w, None, None, None
 
@@ -168,9 +178,23 @@ class LSoftmaxLinear(nn.Module):
         m, c = self.margin, cos_theta
         if m == 1:
             return c, torch.ones_like(c)
-        thresholds, table, one = self._tables(c)
+        thresholds, (t_sign, offset, d_sign), one, k = self._tables(c)
+        if m == 2:
+            # Folded at theta = pi/2 (k = 1 there): psi = 2c|c| - 1, psi' = 4|c|. Three ops instead of the
+            # bucketize, three table lookups and five products below.
+            abs_c = c.abs()
+            return torch.addcmul(k["-1"], c, abs_c, value=2.0), abs_c.mul_(k["4"])
+        if m == 4:
+            # psi_4(theta) = psi_2(2 theta) for theta <= pi/2 and psi_2(2 theta - pi) - 4 beyond, with
+            # cos 2 theta = T = 2c^2 - 1: psi = sgn(c) (2 T|T| + 2) - 3, psi' = 16 |c| |T| (>= 0).
+            t2 = torch.addcmul(k["-1"], c, c, value=2.0)
+            abs_t2 = t2.abs()
+            psi = torch.addcmul(k["-3"], c.sign(), torch.addcmul(one, t2, abs_t2), value=2.0)
+            return psi, torch.addcmul(k["0"], c.abs(), abs_t2, value=16.0)
         i = torch.bucketize(c, thresholds, right=True)
-        t_sign, offset, d_sign = F.embedding(i, table).unbind(-1)  # rows by bucket, any shape of c
+        # take() keeps the shape of i, whatever the shape of c; three takes cost less than one [m, 3]
+        # row lookup and its unbind.
+        t_sign, offset, d_sign = t_sign.take(i), offset.take(i), d_sign.take(i)
         r_prev, r = one, c + c  # r_0 = U_0 = 1, r_1 = U_1 = 2c
         for n in range(1, m - 1):
             r_prev, r = r, torch.addcmul(r_prev, c, r, value=-2.0 if n % 2 else 2.0)
@@ -179,17 +203,20 @@ class LSoftmaxLinear(nn.Module):
         return torch.addcmul(offset, t_sign, t_m), d_sign * r
 
     def _tables(self, like: torch.Tensor):
-        """(thresholds, [m, 3] table of (-1)^k * -s_{m-2}, -2k, (-1)^k * m * s_{m-1} by bucket, scalar 1) in
-        `like`'s dtype and device, built once and cached."""
+        """(thresholds, the per-bucket columns (-1)^k * -s_{m-2}, -2k, (-1)^k * m * s_{m-1}, scalar 1, a few
+        0-dim constants by name) in `like`'s dtype and device, built once and cached (an op between a tensor
+        and a Python float wraps the float in a fresh tensor every time)."""
         key = (like.dtype, like.device)
         cached = self._table_cache.get(key)
         if cached is None:
             m = self.margin
             rows = [[float(sign) * -_s(m - 2), float(offset), float(sign) * m * _s(m - 1)]
                     for sign, offset in zip(self._sign.tolist(), self._offset.tolist())]
+            consts = {name: torch.scalar_tensor(float(name), dtype=like.dtype, device=like.device)
+                      for name in ("-3", "-1", "0", "4")}
             cached = (self._thresholds.to(like.dtype),
-                      torch.tensor(rows, dtype=like.dtype, device=like.device),
-                      torch.ones((), dtype=like.dtype, device=like.device))
+                      tuple(torch.tensor(rows, dtype=like.dtype, device=like.device).t().contiguous()),
+                      torch.ones((), dtype=like.dtype, device=like.device), consts)
             self._table_cache[key] = cached
         return cached
 
@@ -211,7 +238,7 @@ class LSoftmaxLinear(nn.Module):
         if x.dtype != weight.dtype:
             x = x.to(weight.dtype)
         beta = float(self.beta) if self.beta.device.type == "cpu" else self.beta.to(x.dtype)
-        return _LSoftmaxFunction.apply(x, weight, target.reshape(-1), beta, self)
+        return _LSoftmaxFunction.apply(x, weight, target, beta, self)
 
 
 class BetaSchedule:

@@ -56,6 +56,53 @@ def test_matches_float64_reference(margin, beta):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def autograd_reference(x, weight, target, margin, beta):
+    """Eq. (4)-(6) in float64 by plain autograd (acos, floor, cos(m theta)), for values and gradients."""
+    logits = x @ weight.T
+    w = weight[target]
+    p = (w * x).sum(1)
+    n = w.norm(dim=1) * x.norm(dim=1)
+    theta = torch.acos((p / n).clamp(-1.0, 1.0))
+    k = torch.floor(theta.detach() * margin / math.pi).clamp(max=margin - 1)
+    psi = torch.pow(-1.0, k) * torch.cos(margin * theta) - 2.0 * k
+    out_y = (n * psi + beta * p) / (1.0 + beta)
+    return logits.scatter(1, target.view(-1, 1), out_y.view(-1, 1))
+
+
+def _features_at_angles(weight, target, angles, radii):
+    """x_i at angle angles[i] from W_{y_i} (in the plane of W_{y_i} and a fixed orthogonal direction)."""
+    w_hat = weight[target] / weight[target].norm(dim=1, keepdim=True)
+    u = torch.ones_like(w_hat)
+    u = u - (u * w_hat).sum(1, keepdim=True) * w_hat
+    u = u / u.norm(dim=1, keepdim=True)
+    return radii.view(-1, 1) * (torch.cos(angles).view(-1, 1) * w_hat + torch.sin(angles).view(-1, 1) * u)
+
+
+@pytest.mark.parametrize("margin", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 100.0])
+def test_values_and_gradients_match_autograd_reference_at_bucket_boundaries(margin, beta):
+    """At theta = j pi/m (the k-bucket boundaries), just either side of them, and at random angles, the layer's
+    logits and its hand-written gradients (x and W, under cross-entropy) match autograd through the paper's
+    formula in float64. theta = 0 and pi are left out: acos has no finite gradient there."""
+    torch.manual_seed(4)
+    layer = make_layer(6, 5, margin, beta).double()
+    boundaries = [j * math.pi / margin for j in range(1, margin)]
+    angles = [a + d for a in boundaries for d in (0.0, 1e-6, -1e-6)] + [0.1, 1.0, 2.0, 3.0]
+    angles = torch.tensor(angles, dtype=torch.float64).repeat(3)
+    y = torch.randint(0, 5, (len(angles),))
+    radii = torch.rand(len(angles), dtype=torch.float64) * 5 + 0.1
+    x = _features_at_angles(layer.weight.detach(), y, angles, radii)
+    results = []
+    for fn in (lambda x_, w_: _functional(layer, x_, w_, y), lambda x_, w_: autograd_reference(x_, w_, y, margin, beta)):
+        xi = x.clone().requires_grad_()
+        wi = layer.weight.detach().clone().requires_grad_()
+        out = fn(xi, wi)
+        F.cross_entropy(out, y).backward()
+        results.append((out.detach(), xi.grad, wi.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("margin", [1, 2, 3, 4])
 def test_loss_matches_pytorch_metric_learning(margin):
     from pytorch_metric_learning.losses import LargeMarginSoftmaxLoss
