@@ -25,7 +25,8 @@ import numpy as np
 
 from export import open_set
 
-__all__ = ["SCORES", "evaluate_repository", "classifier_weight", "format_report", "plot_histograms", "main"]
+__all__ = ["SCORES", "evaluate_repository", "classifier_weight", "format_report", "plot_histograms", "save_figure",
+           "main"]
 
 SCORES = ("msp", "max_logit", "max_cosine", "known_score")  # known_score: the shipped detector, from the graph
 BATCH = 1000
@@ -159,6 +160,13 @@ def plot_histograms(known: dict, unknown: dict[str, dict], path: str | Path, thr
         ax.set_yscale("log")
         ax.set_xlabel("score (higher = more digit-like)")
     axes[0].legend(fontsize=7, loc="upper left")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; the evaluation's PNGs all go this way."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

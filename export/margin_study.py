@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.evaluate import save_figure
+
 __all__ = ["STUDY_SCORES", "load_reports", "summarize", "format_markdown", "plot_margins", "main"]
 
 STUDY_SCORES = ("known_score", "max_cosine", "msp")  # known_score: each run's shipped detector
@@ -117,12 +119,7 @@ def plot_margins(summary: dict, path: str | Path) -> Path:
         ax.set_xticks(margins)
     axes[0][0].set_ylabel("AUROC (digits vs set)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:
