@@ -8,6 +8,8 @@
 The server is started with --port 0 and --metrics-port 0 (the OS picks free ports: nothing binds, releases and
 hopes) and JSON logs; its stderr is read line by line on a thread, so callers wait on log events
 (`listening`, `ready`, `drained`, `stopped`, ...) instead of polling. `log_path` also writes every line to a file.
+It runs in the project root unless `cwd` names another copy of serving/ (an older commit's, for bench.serve_ab's
+A/B); `env` adds environment variables.
 """
 
 from __future__ import annotations
@@ -31,16 +33,17 @@ class ServerProcess:
     """`python -m serving` in a subprocess, with its JSON log lines collected as they arrive."""
 
     def __init__(self, repository: Path | str, *args: str, log_path: Path | str | None = None,
-                 python: str = sys.executable, log_level: str = "debug") -> None:
+                 python: str = sys.executable, log_level: str = "debug", cwd: Path | str = PROJECT_ROOT,
+                 env: dict[str, str] | None = None) -> None:
         defaults = {"--port": "0", "--metrics-port": "0", "--log-level": log_level}
         given = set(args)
         cmd = [python, "-m", "serving", "--model-repository", str(repository), "--log-format", "json", *args]
         for flag, value in defaults.items():
             if flag not in given:
                 cmd += [flag, value]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.command = cmd
-        self.proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.records: list[dict] = []
         self.lines: list[str] = []
