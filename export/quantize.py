@@ -1,14 +1,20 @@
 """INT8: a statically quantised copy of the verified FP32 ONNX graph, and the bounds it must meet to ship.
 
 `python -m export ... --int8` runs onnxruntime's quantize_static on the FP32 model.onnx the export has just
-verified: QDQ format, per-channel int8 weights, int8 activations with MinMax ranges calibrated on the images the
+verified: QDQ format, per-channel int8 weights, uint8 activations with MinMax ranges calibrated on the images the
 temperature is fitted on (the checkpoint's held-out training images, never the test set, which verifies). Then
 the INT8 graph is compared with the FP32 one on the verification images; a broken bound fails the export.
 
-Which nodes are quantised is measured, not guessed (BENCHMARKS.md, "INT8 (issue 16)"): only Conv nodes with
-more than one input channel. The image-facing conv (one input channel) is about 1% of the multiply-adds, yet
-quantising it cost the most fidelity (on the fast net, m=4: minimum embedding cosine 0.90 with it, 0.995
-without). PReLU has no int8 kernel in onnxruntime and runs in float between the quantised convs either way.
+What is quantised, and how, is measured, not guessed (BENCHMARKS.md, "INT8 (issue 16)"):
+- Conv nodes with more than one input channel. The image-facing conv (one input channel) is about 1% of the
+  multiply-adds, yet quantising it cost the most fidelity (minimum embedding cosine 0.90 with it, 0.995 without;
+  accept/reject agreement 72%).
+- uint8 activations, not int8: on x86 onnxruntime fuses a QDQ Conv into QLinearConv only with uint8 activations,
+  and its int8 -> uint8 rewrite skipped the Q/DQ pairs that feed both a conv and a known_score tap, so with int8
+  only 2 of the 4 convs fused (the other two ran float between Q/DQ: pure overhead).
+- MaxPool too, so the pools run on uint8 (NhwcMaxPool) between the fused convs.
+- PRelu is rewritten first as Max(x, a*x), exactly equal for every slope a <= 1 (rounding is monotone):
+  onnxruntime's PRelu kernel took ~13x the time of Mul + Max on this CPU, and has no quantised kernel either way.
 The embedding MatMul, the classifier and the known_score subgraph stay float: they are a sliver of the work
 and known_score is compared with a threshold fitted on the float graph.
 """
@@ -23,7 +29,7 @@ import numpy as np
 
 from serving.repository_format import ALL_OUTPUTS, INPUT
 
-__all__ = ["Int8Error", "BOUNDS", "quantizable_nodes", "quantize", "compare", "int8_problems", "build_int8"]
+__all__ = ["Int8Error", "BOUNDS", "quantizable_nodes", "prelu_as_max", "quantize", "compare", "int8_problems", "build_int8"]
 
 
 class Int8Error(RuntimeError):
@@ -35,16 +41,43 @@ class Int8Error(RuntimeError):
 BOUNDS = {"min_top1_agreement": 99.8, "max_accuracy_drop": 0.1, "min_embedding_cosine": 0.995,
           "min_decision_agreement": 99.0}
 CALIBRATION_BATCH = 500
-QUANTIZED_OP_TYPES = ("Conv",)
+# 7-bit weights (onnxruntime's advice for U8S8 without VNNI): this AVX2 CPU's u8 x s8 kernel sums pairs in int16,
+# which full-range weights can saturate. With 8-bit weights the briefly trained test checkpoint's accept/reject
+# agreement fell to 97.7% (bound 99%); with 7-bit it passes. The real m=4 model passes either way (99.61% / 99.35%).
+REDUCE_RANGE = True
+QUANTIZED_OP_TYPES = ("Conv", "MaxPool")  # the convs quantizable_nodes picks, and every MaxPool
 
 
 def quantizable_nodes(model) -> list[str]:
     """The Conv nodes worth quantising: those whose weight has more than one input channel (see the module's
-    docstring for why the image-facing conv stays float)."""
+    docstring for why the image-facing conv stays float). The MaxPool nodes are quantised with them."""
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
     return [node.name for node in model.graph.node
-            if node.op_type in QUANTIZED_OP_TYPES and len(shapes.get(node.input[1], ())) == 4
-            and shapes[node.input[1]][1] > 1]
+            if node.op_type == "Conv" and len(shapes.get(node.input[1], ())) == 4 and shapes[node.input[1]][1] > 1]
+
+
+def prelu_as_max(model):
+    """A copy of the graph with each PRelu(x, a) whose constant slopes are all <= 1 written as Max(x, Mul(x, a)):
+    the same values (for a <= 1, a*x <= x when x >= 0 and a*x >= x when x < 0, and rounding keeps the order), in
+    two vectorised kernels instead of onnxruntime's slow PRelu. Other PRelu nodes are kept."""
+    import copy
+
+    from onnx import helper, numpy_helper
+
+    model = copy.deepcopy(model)
+    slopes = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        slope = slopes.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) == 2 else None
+        if slope is not None and bool((slope <= 1).all()):
+            scaled = node.output[0] + "_ax"
+            nodes += [helper.make_node("Mul", [node.input[0], node.input[1]], [scaled], name=node.name + "_mul"),
+                      helper.make_node("Max", [node.input[0], scaled], [node.output[0]], name=node.name + "_max")]
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 @contextmanager
@@ -60,7 +93,8 @@ def _quiet_root_logger():
 
 
 def quantize(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -> list[str]:
-    """Write the INT8 graph of fp32_path to int8_path; returns the names of the quantised nodes."""
+    """Write the INT8 graph of fp32_path to int8_path; returns the names of the quantised Conv nodes (the MaxPool
+    nodes are quantised too)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -72,14 +106,21 @@ def quantize(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray) -
             start = next(self._next, None)
             return None if start is None else {INPUT: calibration_images[start:start + CALIBRATION_BATCH]}
 
-    nodes = quantizable_nodes(onnx.load(str(fp32_path)))
+    model = onnx.load(str(fp32_path))
+    nodes = quantizable_nodes(model)
     if not nodes:
         raise Int8Error(f"{fp32_path}: no Conv node with more than one input channel to quantise")
-    with _quiet_root_logger():
-        quantize_static(str(fp32_path), str(int8_path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=list(QUANTIZED_OP_TYPES), nodes_to_quantize=nodes,
-                        extra_options={"CalibMaxIntermediateOutputs": 4})  # ranges merged every 4 batches
+    pools = [node.name for node in model.graph.node if node.op_type == "MaxPool"]
+    rewritten = Path(int8_path).with_name(Path(int8_path).stem + ".prelu_as_max.onnx")
+    onnx.save(prelu_as_max(model), str(rewritten))
+    try:
+        with _quiet_root_logger():
+            quantize_static(str(rewritten), str(int8_path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=REDUCE_RANGE,
+                            op_types_to_quantize=list(QUANTIZED_OP_TYPES), nodes_to_quantize=nodes + pools,
+                            extra_options={"CalibMaxIntermediateOutputs": 4})  # ranges merged every 4 batches
+    finally:
+        rewritten.unlink(missing_ok=True)
     return nodes
 
 
@@ -144,7 +185,8 @@ def build_int8(fp32_path: Path, int8_path: Path, calibration_images: np.ndarray,
     import onnx
 
     op_types = sorted({node.op_type for node in onnx.load(str(int8_path)).graph.node})
-    return {"format": "QDQ", "weights": "int8, per channel", "activations": "int8, MinMax ranges",
+    return {"format": "QDQ", "weights": "int8, per channel", "activations": "uint8, MinMax ranges",
+            "prelu": "Max(x, a*x) (exact for slopes <= 1)",
             "quantized_nodes": nodes, "op_types": op_types,
             "calibrated_on": {**calibrated_on, "images": len(calibration_images)},
             "verification": record, "bounds": dict(BOUNDS)}

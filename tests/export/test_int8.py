@@ -68,7 +68,8 @@ def test_int8_model_is_written_listed_and_recorded(int8_repo):
     assert check["images"] == 128 and check["top1_agreement"] >= 99.8 and check["embedding_cosine_mean"] >= 0.995
     assert set(check["accuracy"]) == {"fp32", "int8"} and check["known_score_max_abs_diff"] is not None
     assert check["decision_agreement"] is not None  # fitted: the manifest has a threshold
-    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "PRelu"} <= set(record["op_types"])
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Max", "MaxPool"} <= set(record["op_types"])
+    assert "PRelu" not in record["op_types"] and record["activations"].startswith("uint8")
     assert any(line.startswith(f"int8: {ONNX_INT8_MODEL}") for line in lines)
 
 
@@ -200,6 +201,7 @@ def test_int8_export_end_to_end_on_the_tiny_checkpoint(tmp_path, tiny_checkpoint
                                  fit_labels=labels, detector="max_cosine", int8=True, log=lambda *_: None)
     assert manifest["models"][ONNX_INT8_MODEL]["sha256"] == sha256_file(out / ONNX_INT8_MODEL / "1" / "model.onnx")
     assert manifest["int8"]["verification"]["images"] == 32 and len(manifest["int8"]["quantized_nodes"]) == 4
+    assert _optimised_op_counts(out / ONNX_INT8_MODEL / "1" / "model.onnx")["QLinearConv"] == 4
     assert (out / ONNX_INT8_MODEL / "config.pbtxt").is_file()
     repository = read_manifest(out)
     entry = repository.select(model=ONNX_INT8_MODEL)
@@ -210,3 +212,59 @@ def test_int8_export_end_to_end_on_the_tiny_checkpoint(tmp_path, tiny_checkpoint
         assert [a.shape for a in backend.infer(images[:4].numpy())] == [(4, 10), (4, 128), (4,)]
     finally:
         backend.close()
+
+
+def _optimised_op_counts(path):
+    """Op types of the graph onnxruntime actually runs (its optimised graph, written out)."""
+    import collections
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = f"{tmp}/optimised.onnx"
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.slow  # a trained checkpoint and real exports: ~35 s on 2 shared cores
+def test_onnxruntime_fuses_every_quantised_conv(int8_repo):
+    """The speed comes from here (BENCHMARKS.md): every quantised Conv becomes a QLinearConv, the pools run on
+    uint8, and no float Conv is left between Q/DQ pairs, nor a PRelu."""
+    out, manifest, _, _ = int8_repo
+    ops = _optimised_op_counts(out / ONNX_INT8_MODEL / "1" / "model.onnx")
+    assert ops["QLinearConv"] == len(manifest["int8"]["quantized_nodes"]) == 4
+    # float: the image-facing conv, and the copy of it onnxruntime folds the first Max(x, a*x)'s Mul into
+    assert ops["Conv"] <= 2 and ops["PRelu"] == 0 and ops["NhwcMaxPool"] >= 2
+
+
+def test_prelu_as_max_is_exact_and_keeps_slopes_above_one():
+    """Max(x, a*x) == PRelu(x, a) bit for bit for slopes <= 1 (negative ones too); a slope > 1 keeps the PRelu."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import prelu_as_max
+
+    rng = np.random.default_rng(0)
+    slopes = {"a": np.array([-0.4, 0.0, 0.25, 1.0], np.float32).reshape(4, 1, 1),
+              "b": np.array([0.1, 1.5, 0.2, 0.3], np.float32).reshape(4, 1, 1)}
+    graph = helper.make_graph(
+        [helper.make_node("PRelu", ["x", "a"], ["h"], name="p1"), helper.make_node("PRelu", ["h", "b"], ["y"], name="p2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 5, 5]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 4, 5, 5])],
+        [numpy_helper.from_array(v, k) for k, v in slopes.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    rewritten = prelu_as_max(model)
+    assert [n.op_type for n in rewritten.graph.node] == ["Mul", "Max", "PRelu"]
+    x = (rng.standard_normal((2, 4, 5, 5)) * 10).astype(np.float32)
+    x[0, :, 0, 0] = 0.0
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for want, got in zip(run(model), run(rewritten)):
+        np.testing.assert_array_equal(want, got)
+    onnx.checker.check_model(rewritten)
