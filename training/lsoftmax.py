@@ -178,19 +178,7 @@ class LSoftmaxLinear(nn.Module):
         m, c = self.margin, cos_theta
         if m == 1:
             return c, torch.ones_like(c)
-        thresholds, (t_sign, offset, d_sign), one, k = self._tables(c)
-        if m == 2:
-            # Folded at theta = pi/2 (k = 1 there): psi = 2c|c| - 1, psi' = 4|c|. Three ops instead of the
-            # bucketize, three table lookups and five products below.
-            abs_c = c.abs()
-            return torch.addcmul(k["-1"], c, abs_c, value=2.0), abs_c.mul_(k["4"])
-        if m == 4:
-            # psi_4(theta) = psi_2(2 theta) for theta <= pi/2 and psi_2(2 theta - pi) - 4 beyond, with
-            # cos 2 theta = T = 2c^2 - 1: psi = sgn(c) (2 T|T| + 2) - 3, psi' = 16 |c| |T| (>= 0).
-            t2 = torch.addcmul(k["-1"], c, c, value=2.0)
-            abs_t2 = t2.abs()
-            psi = torch.addcmul(k["-3"], c.sign(), torch.addcmul(one, t2, abs_t2), value=2.0)
-            return psi, torch.addcmul(k["0"], c.abs(), abs_t2, value=16.0)
+        thresholds, (t_sign, offset, d_sign), one = self._tables(c)
         i = torch.bucketize(c, thresholds, right=True)
         # take() keeps the shape of i, whatever the shape of c; three takes cost less than one [m, 3]
         # row lookup and its unbind.
@@ -203,20 +191,18 @@ class LSoftmaxLinear(nn.Module):
         return torch.addcmul(offset, t_sign, t_m), d_sign * r
 
     def _tables(self, like: torch.Tensor):
-        """(thresholds, the per-bucket columns (-1)^k * -s_{m-2}, -2k, (-1)^k * m * s_{m-1}, scalar 1, a few
-        0-dim constants by name) in `like`'s dtype and device, built once and cached (an op between a tensor
-        and a Python float wraps the float in a fresh tensor every time)."""
+        """(thresholds, the per-bucket columns (-1)^k * -s_{m-2}, -2k, (-1)^k * m * s_{m-1}, scalar 1) in
+        `like`'s dtype and device, built once and cached (an op between a tensor and a Python float wraps the
+        float in a fresh tensor every time)."""
         key = (like.dtype, like.device)
         cached = self._table_cache.get(key)
         if cached is None:
             m = self.margin
             rows = [[float(sign) * -_s(m - 2), float(offset), float(sign) * m * _s(m - 1)]
                     for sign, offset in zip(self._sign.tolist(), self._offset.tolist())]
-            consts = {name: torch.scalar_tensor(float(name), dtype=like.dtype, device=like.device)
-                      for name in ("-3", "-1", "0", "4")}
             cached = (self._thresholds.to(like.dtype),
                       tuple(torch.tensor(rows, dtype=like.dtype, device=like.device).t().contiguous()),
-                      torch.ones((), dtype=like.dtype, device=like.device), consts)
+                      torch.ones((), dtype=like.dtype, device=like.device))
             self._table_cache[key] = cached
         return cached
 
