@@ -59,6 +59,7 @@ def test_usage_errors_exit_2(tmp_path, variant):
     assert result.returncode == 2 and "error:" in result.stderr
 
 
+@pytest.mark.slow  # two servers starting at once on 2 shared cores: ~25 s
 def test_serve_ab_runs_two_variants(tmp_path):
     """Two servers of the current code up at once, one round at concurrency 1 with a short window."""
     repo = tmp_path / "repo"
