@@ -84,7 +84,7 @@ def test_tiny_repo_is_written_through_the_repository_format(tmp_path):
     assert (entry.name, entry.kind, manifest.net, manifest.embedding_dim) == ("lsoftmax_mnist_onnx", "onnx",
                                                                               "tiny-linear", 16)
     assert read_config(repo / entry.name / "config.pbtxt") == model_config(BY_KIND["onnx"], 32, 10, 16,
-                                                                           scheduling=False)
+                                                                           scheduling=False, known_score=False)
 
 
 def run_gpu_script(tmp_path, data_root, **settings):
