@@ -315,7 +315,8 @@ def test_exported_accuracy_must_match_the_checkpoint_within_the_devices_slack(co
 
 # --- calibration and open-set score (issue 13) ----------------------------------------------------
 
-@pytest.mark.parametrize("detector", ["max_cosine", "mahalanobis", "multilayer_mahalanobis"])
+@pytest.mark.parametrize("detector", ["max_cosine", "multilayer_mahalanobis",
+                                      pytest.param("mahalanobis", marks=pytest.mark.slow)])  # ~10 s each
 def test_fitted_export_records_temperature_and_threshold_and_graphs_agree(tmp_path, tiny_checkpoint, detector):
     from export import open_set
 
