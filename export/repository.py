@@ -13,6 +13,7 @@ table, manifest.json structure, config.pbtxt as Triton's ModelConfig) is the ser
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import tempfile
@@ -160,13 +161,9 @@ def _fit_set(ckpt: dict, checkpoint: Path, fit_images, fit_labels, fit_on_traini
 
 @torch.no_grad()
 def _outputs(module, images: torch.Tensor, batch_size: int = 1000) -> tuple:
+    """Every output of `module` (a graph, or any batch -> tensors function) over images, batched, as numpy."""
     parts = [module(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return tuple(torch.cat([p[k] for p in parts]).numpy() for k in range(len(parts[0])))
-
-
-def _stage_features(module, images: torch.Tensor, batch_size: int = 1000) -> list[np.ndarray]:
-    parts = [stage_features(module, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    return [torch.cat([p[k] for p in parts]).numpy() for k in range(len(parts[0]))]
 
 
 def _fit(net, ckpt: dict, images, labels, fitted_on: dict | None, detector: str, accept_rate: float,
@@ -199,7 +196,7 @@ def _fit(net, ckpt: dict, images, labels, fitted_on: dict | None, detector: str,
     if detector == "mahalanobis":
         fitted = open_set.fit_mahalanobis(embedding[stats_rows], labels_np[stats_rows], num_classes)
     elif detector == "multilayer_mahalanobis":
-        features = _stage_features(base, images)
+        features = _outputs(functools.partial(stage_features, base), images)
         fitted = open_set.fit_multilayer_mahalanobis([f[stats_rows] for f in features], labels_np[stats_rows],
                                                      [f[threshold_rows] for f in features], num_classes)
     module = build_inference_module(net, normalization, detector=detector, fitted=fitted)
