@@ -1,6 +1,10 @@
 # syntax=docker/dockerfile:1
-# Two images from one file:
-#   docker build --target serving -t lsoftmax-serve .           # slim gRPC server, serving/ only
+# Images from one file:
+#   docker build --target serving -t lsoftmax-serve .           # slim server, serving/ only, ONNX models, no PyTorch
+#   docker build --target serving --build-arg REQUIREMENTS=requirements-serving-cuda.txt -t lsoftmax-serve:cuda .
+#                                                               # + CUDA runtime and cuDNN: ONNX on an NVIDIA GPU
+#   docker build --target serving --build-arg REQUIREMENTS=requirements-serving-torchscript.txt \
+#       -t lsoftmax-serve:torchscript .                         # + PyTorch: TorchScript models too (CPU or CUDA)
 #   docker build --target train-cuda -t lsoftmax-train .        # training + export, CUDA via PyPI's torch
 # Run the server with a model repository mounted at /models:
 #   docker run -p 50051:50051 -p 8002:8002 -v "$PWD/model_repository:/models:ro" lsoftmax-serve
@@ -9,10 +13,11 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 # ---- serving dependencies, built in a throw-away stage --------------------------------------
 FROM ${PYTHON_IMAGE} AS serving-deps
+ARG REQUIREMENTS=requirements-serving.txt
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY requirements-serving.txt /tmp/requirements-serving.txt
+COPY requirements-serving.txt requirements-serving-cuda.txt requirements-serving-torchscript.txt /tmp/
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements-serving.txt
+    && /opt/venv/bin/pip install --no-cache-dir -r "/tmp/${REQUIREMENTS}"
 
 # ---- serving image: runtime deps + serving/ only (server and client; dev tools stay in scripts/), non-root ----
 FROM ${PYTHON_IMAGE} AS serving

@@ -41,7 +41,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving._proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
-from serving.backends import load_backend
+from serving.backends import REQUIRED_MODULE, backend_available, load_backend
 from serving.batching import BatchingConfig
 from serving.decode_queue import Decoder
 from serving.errors import StartupError, UsageError
@@ -160,18 +160,43 @@ class _Plan:
     token: str | None
 
 
+_INSTALL_HINT = {"onnx": "install requirements-serving.txt",
+                 "torchscript": "install requirements-serving-torchscript.txt or use the serving-torchscript image"}
+
+
+def _servable(entries: list[ModelEntry], explicit: str | None) -> list[ModelEntry]:
+    """The entries this installation can load: a model whose backend's package is missing (torch in the ONNX-only
+    serving image) is skipped with one log line, or refused when the flags asked for it by name or format."""
+    servable = []
+    for entry in entries:
+        if backend_available(entry.kind):
+            servable.append(entry)
+            continue
+        package = REQUIRED_MODULE[entry.kind]
+        hint = _INSTALL_HINT[entry.kind]
+        if explicit:
+            raise StartupError(f"model {entry.name!r} needs {package}, which this installation lacks ({hint})")
+        log_event(logger, logging.WARNING, "model_skipped", model=entry.name, backend=entry.kind,
+                  reason=f"{package} is not installed", hint=hint)
+    if not servable:
+        raise StartupError("no model of the repository can be served by this installation (it lacks "
+                           + ", ".join(sorted({REQUIRED_MODULE[e.kind] for e in entries})) + ")")
+    return servable
+
+
 def _plan(args: argparse.Namespace) -> _Plan:
     """Step 1: read the repository, the model configs, TLS files and token; StartupError on any defect."""
     try:
         manifest = read_manifest(args.model_repository)
-        served = manifest.served(args.model, args.backend)
+        served = _servable(manifest.served(args.model, args.backend), explicit=args.model or args.backend)
         for entry in served:
             verify_sha256(entry)
         configs, batching = _batching(args, served, manifest)
     except OSError as exc:  # e.g. a repository the server's user may not read (wrong owner, mode 0700)
         raise StartupError(f"{exc.filename or args.model_repository}: cannot read the model repository "
                            f"({exc.strerror or exc})") from None
-    return _Plan(manifest=manifest, served=served, typed_model=manifest.select(args.model, args.backend),
+    typed_model = manifest.select(args.model, args.backend)
+    return _Plan(manifest=manifest, served=served, typed_model=typed_model if typed_model in served else served[0],
                  limits=Limits(args.max_images_per_request, args.max_message_bytes, args.max_image_pixels,
                                args.max_request_pixels),
                  configs=configs, batching=batching,

@@ -98,20 +98,37 @@ def _requirements(lines) -> dict[str, str]:
     reqs = {}
     for line in lines:
         line = line.split("#")[0].strip()
-        if line:
-            name = re.match(r"[A-Za-z0-9_.\[\]-]+", line).group(0).split("[")[0].lower()
-            reqs[name] = line[len(name):].replace(" ", "") if line.lower().startswith(name) else line
+        if line.startswith("-r "):
+            reqs.update(_requirements((ROOT / line[3:].strip()).read_text().splitlines()))
+        elif line:
+            word = re.match(r"[A-Za-z0-9_.\[\],-]+", line).group(0)
+            name = word.split("[")[0].lower()
+            reqs[name] = line[len(word):].replace(" ", "")
     return reqs
 
 
-def test_serving_requirements_agree_with_pyproject():
+SERVING_REQUIREMENTS = ("requirements-serving.txt", "requirements-serving-cuda.txt",
+                        "requirements-serving-torchscript.txt")
+
+
+@pytest.mark.parametrize("path", SERVING_REQUIREMENTS)
+def test_serving_requirements_agree_with_pyproject(path):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pinned = _requirements(project["dependencies"])
-    serving = _requirements((ROOT / "requirements-serving.txt").read_text().splitlines())
+    serving = _requirements((ROOT / path).read_text().splitlines())
     assert pinned["torch"] == "==2.14.1" and pinned["torchvision"] == "==0.29.1"
     for name, spec in serving.items():
-        assert name in pinned, f"{name} is in requirements-serving.txt but not in pyproject.toml"
-        assert spec == pinned[name], f"{name}: {spec} (serving image) vs {pinned[name]} (pyproject)"
+        assert name in pinned, f"{name} is in {path} but not in pyproject.toml"
+        assert spec == pinned[name], f"{name}: {spec} ({path}) vs {pinned[name]} (pyproject)"
+
+
+def test_the_default_serving_image_has_no_torch():
+    """ONNX serving needs no PyTorch (gigabytes with its CUDA wheels); only the TorchScript flavour adds it."""
+    assert "torch" not in _requirements((ROOT / "requirements-serving.txt").read_text().splitlines())
+    assert "torch" in _requirements((ROOT / "requirements-serving-torchscript.txt").read_text().splitlines())
+    deps = [r for s, w, r in INSTRUCTIONS if s == "serving-deps"]
+    assert "REQUIREMENTS=requirements-serving.txt" in deps, "the serving image's default must be the ONNX-only set"
+    assert all((ROOT / name).is_file() for name in SERVING_REQUIREMENTS)
 
 
 def test_kubernetes_example():

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.backends.base import DEVICES, Backend, cuda_available, resolve_device
+from serving.backends.base import Backend
+from serving.backends.devices import DEVICES, cuda_device_count, module_available, resolve_device
 from serving.errors import StartupError
 from serving.repository_format import FORMATS, INPUT, format_named
 
-__all__ = ["Backend", "BACKENDS", "DEVICES", "cuda_available", "load_backend", "resolve_device"]
+__all__ = ["Backend", "BACKENDS", "DEVICES", "REQUIRED_MODULE", "backend_available", "cuda_device_count",
+           "load_backend", "resolve_device"]
 
 # CLI name → the backend string Triton's config.pbtxt and our manifest use (serving.repository_format's table).
 BACKENDS = {f.kind: f.backend for f in FORMATS}
+# CLI name → the package its backend imports; the serving image ships onnxruntime only (requirements-serving.txt),
+# torch comes with requirements-serving-torchscript.txt.
+REQUIRED_MODULE = {"onnx": "onnxruntime", "torchscript": "torch"}
+
+
+def backend_available(kind: str) -> bool:
+    """Whether this installation can load models of `kind` ("onnx" / "torchscript"), checked without importing."""
+    return module_available(REQUIRED_MODULE[format_named(kind).kind])
 
 
 def load_backend(kind: str, path: str | Path, requested_device: str = "auto", input_name: str = INPUT,
@@ -36,4 +46,4 @@ def load_backend(kind: str, path: str | Path, requested_device: str = "auto", in
                           intra_op_threads=intra_op_threads)
     from serving.backends.torchscript import TorchScriptBackend  # the table's other format
 
-    return TorchScriptBackend(path, device, intra_op_threads=intra_op_threads)
+    return TorchScriptBackend(path, device, strict=requested_device == "cuda", intra_op_threads=intra_op_threads)

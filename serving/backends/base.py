@@ -1,8 +1,8 @@
 """The backend interface: uint8 images [N, 1, 28, 28] in, (logits [N, C], embedding [N, D][, known_score [N]]) float32 out.
 
 A backend owns one loaded graph on one device. `infer` is synchronous and thread-safe; the server calls it
-from a worker thread, never on the event loop. `resolve_device` turns --device auto|cpu|cuda into what
-will actually be used.
+from a worker thread, never on the event loop. serving.backends.devices turns --device auto|cpu|cuda into
+what will actually be used.
 """
 
 from __future__ import annotations
@@ -14,31 +14,7 @@ import numpy as np
 from serving.errors import StartupError
 from serving.repository_format import IMAGE_DIMS
 
-__all__ = ["Backend", "resolve_device", "cuda_available", "DEVICES"]
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def cuda_available() -> bool:
-    """True when PyTorch sees a usable NVIDIA GPU (the one test for 'a GPU is present')."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-def resolve_device(requested: str) -> str:
-    """auto → "cuda" when a GPU is present, else "cpu"; an explicit "cuda" without a GPU is a StartupError."""
-    if requested not in DEVICES:
-        raise StartupError(f"unknown device {requested!r}; choose from {', '.join(DEVICES)}")
-    if requested == "cpu":
-        return "cpu"
-    if cuda_available():
-        return "cuda"
-    if requested == "cuda":
-        raise StartupError("--device cuda was requested but no CUDA GPU is available (torch.cuda.is_available() is False)")
-    return "cpu"
+__all__ = ["Backend"]
 
 
 class Backend(abc.ABC):

@@ -7,6 +7,8 @@ ONNX Runtime silently falls back to CPU when the CUDA provider cannot start.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 
@@ -24,6 +26,23 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 
 
+def _preload_cuda_libraries(ort) -> None:
+    """Load the CUDA runtime and cuDNN from the nvidia-* wheels (requirements-serving-cuda.txt) so the CUDA provider
+    finds them without torch (which used to load them as a side effect of asking for the GPU). Without those wheels
+    the system's libraries are used; ONNX Runtime's own messages go to the log, not to stdout."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            preload(directory="")
+    except Exception as exc:  # missing wheels are not an error: the session reports what it could start
+        printed.write(str(exc))
+    if printed.getvalue().strip():
+        log_event(logger, logging.INFO, "onnxruntime_preload", detail=printed.getvalue().strip()[:500])
+
+
 class OrtBackend(Backend):
     kind = BY_KIND["onnx"].backend  # "onnxruntime", as GetModelInfo reports it
 
@@ -38,6 +57,7 @@ class OrtBackend(Backend):
         wanted = [CPU_PROVIDER]
         if device == "cuda":
             if CUDA_PROVIDER in ort.get_available_providers():
+                _preload_cuda_libraries(ort)
                 wanted = [CUDA_PROVIDER, CPU_PROVIDER]
             elif strict:
                 raise StartupError(f"--device cuda: this onnxruntime build has no {CUDA_PROVIDER} "

@@ -8,6 +8,7 @@ loads), so torch.jit.load's FutureWarning is silenced at load time.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -15,17 +16,30 @@ import numpy as np
 
 from serving.backends.base import Backend
 from serving.errors import StartupError
+from serving.logs import log_event
 from serving.repository_format import BY_KIND
 
 __all__ = ["TorchScriptBackend"]
+
+logger = logging.getLogger("serving.backends.torchscript")
 
 
 class TorchScriptBackend(Backend):
     kind = BY_KIND["torchscript"].kind  # "torchscript", as GetModelInfo reports it
 
-    def __init__(self, path: str | Path, device: str = "cpu", intra_op_threads: int | None = None) -> None:
-        """intra_op_threads: torch.set_num_threads (process-wide; None leaves torch's default, one per core)."""
+    def __init__(self, path: str | Path, device: str = "cpu", strict: bool = False,
+                 intra_op_threads: int | None = None) -> None:
+        """device: "cuda" or "cpu" as resolved from the driver; strict: fail (instead of falling back to the CPU)
+        when CUDA was asked for explicitly but this torch cannot use it; intra_op_threads: torch.set_num_threads
+        (process-wide; None leaves torch's default, one per core)."""
         import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            if strict:
+                raise StartupError(f"--device cuda: this torch build ({torch.__version__}) cannot use the GPU "
+                                   "(torch.cuda.is_available() is False)")
+            log_event(logger, logging.WARNING, "torch_cuda_unavailable", fallback="cpu", torch=torch.__version__)
+            device = "cpu"
 
         if intra_op_threads is not None:
             torch.set_num_threads(intra_op_threads)
