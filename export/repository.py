@@ -4,10 +4,12 @@
     REPO/lsoftmax_mnist_torchscript/{config.pbtxt, 1/model.pt}
     REPO/manifest.json
 
-Everything is built in a temporary folder beside REPO and renamed into place only after the parity
-checks pass, so a failed export never leaves half a repository. The tree is world-readable (folders 0755,
-files 0644, whatever the umask): the serving image reads it as another user. The format (names, backend
-table, manifest.json structure, config.pbtxt as Triton's ModelConfig) is the server's: serving.repository_*.
+Everything is built in a temporary folder beside REPO (`.REPO.tmp-<pid>-<random>`) and renamed into place only
+after the parity checks pass, so a failed export never leaves half a repository; the folder a killed export left
+is removed by the next export to REPO (export.leftovers: only its own, once its process is gone and it has been
+quiet for an hour). The tree is world-readable (folders 0755, files 0644, whatever the umask): the serving
+image reads it as another user. The format (names, backend table, manifest.json structure, config.pbtxt as
+Triton's ModelConfig) is the server's: serving.repository_*.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from export.graphs import load_onnx_session, load_torchscript, onnx_report, write_onnx, write_torchscript
 from export import open_set
+from export.leftovers import remove_stale, temp_prefix
 from export.inference_module import build_inference_module, stage_features
 from export.quantize import Int8Error, build_int8
 from export.verify import ParityReport, check_parity
@@ -370,7 +373,8 @@ def export_repository(checkpoint: str | Path, out: str | Path, force: bool = Fal
     images, labels, on_full_test_set = _verification_set(images, labels, ckpt["config"], data_dir, cache_dir)
 
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale(out, log)  # what an export to `out` that was killed left (export.leftovers says when)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     try:
         manifest, report = _build(tmp, checkpoint, ckpt, net, inference, images, labels, on_full_test_set,
                                   max_batch_size, opset, fits)

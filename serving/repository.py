@@ -2,7 +2,8 @@
 
     manifest = read_manifest("REPO")                       # StartupError naming the file and the key on any defect
     entry = manifest.select(model=None, backend="onnx")    # --model NAME / --backend onnx|torchscript
-    verify_sha256(entry)                                   # StartupError on a mismatch
+    verify_sha256(entry)                                   # StartupError on a mismatch, in the model file or in
+                                                           # any file manifest.json lists for it (config.pbtxt)
 
 Layout (Triton's, written by `python -m export`): REPO/manifest.json, REPO/<name>/config.pbtxt,
 REPO/<name>/<version>/model.{onnx,pt}. The names are serving.repository_format's, manifest.json's structure
@@ -13,16 +14,25 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from serving.errors import StartupError
-from serving.repository_format import (BY_KIND, DEFAULT_VERSION, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION,
-                                       ModelFormat)
+from serving.repository_format import (BY_KIND, CONFIG_FILE, DEFAULT_VERSION, MANIFEST_FILE, MANIFEST_FORMAT,
+                                       MANIFEST_VERSION, ModelFormat)
 from serving.repository_manifest import ModelSpec, RepositoryManifest, read_json
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "Manifest", "ModelEntry", "read_manifest", "verify_sha256",
-           "file_sha256"]
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "ListedFile", "Manifest", "ModelEntry", "read_manifest",
+           "verify_sha256", "file_sha256"]
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """A file manifest.json's `files` lists, and the sha256 it lists it with."""
+
+    relative: str  # as manifest.json writes it, e.g. "lsoftmax_mnist_onnx/config.pbtxt"
+    path: Path
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,9 @@ class ModelEntry:
     path: Path
     sha256: str
     version: str
+    # The files manifest.json's `files` lists in the model's folder (config.pbtxt, the model file) and outside every
+    # model's folder; verify_sha256 checks them with the model file. Empty for a manifest without `files`.
+    listed: tuple[ListedFile, ...] = ()
 
     @property
     def format(self) -> ModelFormat:
@@ -123,7 +136,37 @@ class Manifest:
                            f"(models: {', '.join(f'{m.name} ({m.kind})' for m in self.models.values())})")
 
 
-def _model_entry(path: Path, root: Path, name: str, spec: ModelSpec) -> ModelEntry:
+def _model_dir(spec: ModelSpec) -> PurePosixPath | None:
+    """The model's folder relative to the repository (where its config.pbtxt is: the model file's version folder's
+    parent, as serving.model_config reads it); None for a model file without one."""
+    folder = PurePosixPath(spec.file).parent.parent
+    return None if folder == PurePosixPath(".") else folder
+
+
+def _listed(path: Path, root: Path, spec: RepositoryManifest) -> dict[str, list[ListedFile]]:
+    """manifest.json's `files` by model: {model name: the files listed in its folder, then those in no model's
+    folder}. Every listed path must stay inside the repository; whether the file is there is verify_sha256's to say
+    (a missing one refuses the models it belongs to, not the others)."""
+    folders = {name: _model_dir(model) for name, model in spec.models.items()}
+    by_model: dict[str, list[ListedFile]] = {name: [] for name in spec.models}
+    shared: list[ListedFile] = []
+    for relative, sha256 in (spec.files or {}).items():
+        if relative == MANIFEST_FILE:
+            continue  # it cannot list its own digest; were one written, it would name an older manifest.json
+        target = root / relative
+        if not target.resolve().is_relative_to(root.resolve()) or PurePosixPath(relative).is_absolute():
+            raise StartupError(f"{path}: files.{relative}: points outside the repository")
+        listed = ListedFile(relative=relative, path=target, sha256=sha256)
+        owners = [name for name, folder in folders.items()
+                  if folder is not None and PurePosixPath(relative).is_relative_to(folder)]
+        for name in owners:
+            by_model[name].append(listed)
+        if not owners:
+            shared.append(listed)
+    return {name: [*files, *shared] for name, files in by_model.items()}
+
+
+def _model_entry(path: Path, root: Path, name: str, spec: ModelSpec, listed: list[ListedFile]) -> ModelEntry:
     """Locate models.<name>.file inside the repository (the manifest's own checks are already done)."""
     where = f"models.{name}.file"
     target = (root / spec.file).resolve()
@@ -134,7 +177,7 @@ def _model_entry(path: Path, root: Path, name: str, spec: ModelSpec) -> ModelEnt
     parts = Path(spec.file).parts
     version = parts[1] if len(parts) >= 3 and parts[1].isdigit() else DEFAULT_VERSION
     return ModelEntry(name=name, backend=spec.backend, kind=spec.format.kind, path=target, sha256=spec.sha256,
-                      version=version)
+                      version=version, listed=tuple(listed))
 
 
 def read_manifest(root: str | Path) -> Manifest:
@@ -147,7 +190,8 @@ def read_manifest(root: str | Path) -> Manifest:
         raise StartupError(f"{path}: no manifest.json in the model repository (export one with `python -m export`)")
     raw = read_json(path)
     spec = RepositoryManifest.from_dict(raw, path)
-    models = {name: _model_entry(path, root, name, model) for name, model in spec.models.items()}
+    listed = _listed(path, root, spec)
+    models = {name: _model_entry(path, root, name, model, listed[name]) for name, model in spec.models.items()}
     return Manifest(root=root, spec=spec, models=models, raw=raw)
 
 
@@ -160,9 +204,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def verify_sha256(entry: ModelEntry) -> None:
-    """Refuse a model file whose content is not the one the manifest describes."""
+    """Refuse a model whose files are not the ones the manifest describes: the model file (models.<name>.sha256)
+    and every file `files` lists for it (its config.pbtxt: an edited max_batch_size is refused, not served)."""
     actual = file_sha256(entry.path)
     if actual != entry.sha256:
         raise StartupError(f"{entry.path}: sha256 mismatch for model {entry.name!r}: manifest says {entry.sha256}, "
                            f"file has {actual}; the file was modified or the repository is incomplete. "
                            "Re-export the repository.")
+    digests = {entry.path: actual}
+    for listed in entry.listed:
+        if not listed.path.is_file():
+            raise StartupError(f"{listed.path}: listed in {MANIFEST_FILE} (files.{listed.relative}) for model "
+                               f"{entry.name!r} but missing; the repository is incomplete. Re-export the repository.")
+        resolved = listed.path.resolve()
+        if resolved not in digests:
+            digests[resolved] = file_sha256(resolved)
+        if digests[resolved] != listed.sha256:
+            hint = (" (to serve smaller batches than its max_batch_size, start the server with --max-batch-size)"
+                    if listed.path.name == CONFIG_FILE else "")
+            raise StartupError(f"{listed.path}: sha256 mismatch for model {entry.name!r}: {MANIFEST_FILE} "
+                               f"(files.{listed.relative}) says {listed.sha256}, file has {digests[resolved]}; the "
+                               f"file was modified or the repository is incomplete. Re-export the repository{hint}.")

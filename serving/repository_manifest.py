@@ -9,9 +9,11 @@
 The format (MANIFEST_FORMAT version MANIFEST_VERSION): format, format_version, model_name_prefix, net,
 margin, num_classes, embedding_dim, test_accuracy (null when unknown), verified_accuracy, max_batch_size,
 input {name, datatype UINT8, shape, polarity, normalization}, outputs [{name, datatype, shape}],
-models {name: {backend, file, sha256}}, files {path: sha256}, then what the exporter records for people
-(onnx, parity, source_checkpoint, exporter; any other key), kept as written in `records`. Optional keys
-may be absent or null. Checking that model files exist inside the repository is serving.repository's job.
+models {name: {backend, file, sha256}}, files {path: sha256} (every file of the repository but manifest.json,
+config.pbtxt included), then what the exporter records for people (onnx, parity, source_checkpoint, exporter;
+any other key), kept as written in `records`. Optional keys may be absent or null (files too: a repository
+written without it has only its model files checked). Checking that the files exist inside the repository and
+have those digests is serving.repository's job.
 """
 
 from __future__ import annotations
@@ -191,16 +193,29 @@ def _names(kind: type | tuple[type, ...]) -> str:
                        for k in kinds)
 
 
+def _sha256(reader: _Reader, key: str, value: Any) -> str:
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower()):
+        raise reader.fail(key, f"not a hex sha256 digest: {value!r}")
+    return value.lower()
+
+
 def _model(reader: _Reader, name: str, spec: Any) -> ModelSpec:
     where = f"models.{name}"
     backend = reader.get(spec, "backend", str, where)
     if backend not in BY_BACKEND:
         raise reader.fail(f"{where}.backend", f"unknown backend {backend!r}; expected one of {', '.join(BY_BACKEND)}")
     relative = reader.get(spec, "file", str, where)
-    sha256 = reader.get(spec, "sha256", str, where).lower()
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise reader.fail(f"{where}.sha256", f"not a hex sha256 digest: {sha256!r}")
+    sha256 = _sha256(reader, f"{where}.sha256", reader.get(spec, "sha256", str, where))
     return ModelSpec(backend=backend, file=relative, sha256=sha256)
+
+
+def _files(reader: _Reader, data: dict) -> dict[str, str] | None:
+    """files: {path relative to the repository: sha256}; absent in repositories written without it (bench's tiny
+    repository), which then have their model files checked only (models.<name>.sha256)."""
+    files = reader.get(data, "files", dict, required=False)
+    if files is None:
+        return None
+    return {relative: _sha256(reader, f"files.{relative}", sha256) for relative, sha256 in files.items()}
 
 
 def _input(reader: _Reader, data: dict) -> InputSpec:
@@ -252,6 +267,6 @@ def _parse(reader: _Reader, data: Any) -> RepositoryManifest:
         net=reader.get(data, "net", str, required=False), margin=margin,
         input=inputs, max_batch_size=max_batch_size, test_accuracy=accuracy,
         verified_accuracy=reader.get(data, "verified_accuracy", dict, required=False), outputs=_outputs(reader, data),
-        files=reader.get(data, "files", dict, required=False),
+        files=_files(reader, data),
         model_name_prefix=reader.get(data, "model_name_prefix", str, required=False),
         records={k: v for k, v in data.items() if k not in _TYPED_KEYS})

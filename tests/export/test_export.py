@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,30 @@ def test_existing_output_needs_force(tmp_path, tiny_checkpoint):
     export_repository(tiny_checkpoint, out, force=True, images=images, labels=labels, log=lambda *_: None)
     assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+def test_export_removes_what_a_killed_export_left(tmp_path, tiny_checkpoint):
+    """A killed export leaves its temporary folder beside the output; the next export to that output removes it
+    (its own name pattern, a dead pid, quiet for export.leftovers.STALE_AFTER_S) and nothing else."""
+    from export.leftovers import STALE_AFTER_S
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid no live process has
+    then = time.time() - 2 * STALE_AFTER_S
+    stale = tmp_path / f".repo.tmp-{child.pid}-k1lled00"
+    mine = tmp_path / ".repo.tmp-mine"  # the user's own, named alike
+    other = tmp_path / f".other.tmp-{child.pid}-k1lled00"  # another output's
+    for folder in (stale, mine, other):
+        (folder / ONNX_DIR / "1").mkdir(parents=True)
+        (folder / ONNX_DIR / "1" / "model.onnx").write_bytes(b"half written")
+        for path in (folder / ONNX_DIR / "1" / "model.onnx", folder / ONNX_DIR / "1", folder / ONNX_DIR, folder):
+            os.utime(path, (then, then))
+    images, labels = _synthetic(16)
+    logged = []
+    export_repository(tiny_checkpoint, tmp_path / "repo", images=images, labels=labels, log=logged.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, mine.name, "repo"])
+    assert (mine / ONNX_DIR / "1" / "model.onnx").is_file() and (other / ONNX_DIR / "1" / "model.onnx").is_file()
+    assert any(str(stale) in line and "did not finish" in line for line in logged)
 
 
 def _cli(*args):

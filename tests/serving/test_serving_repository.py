@@ -62,6 +62,55 @@ def test_sha256_mismatch_is_refused(repo_copy):
         verify_sha256(entry)
 
 
+def _set_max_batch_size(config_path, value):
+    text = config_path.read_text()
+    assert "max_batch_size: 256" in text
+    config_path.write_text(text.replace("max_batch_size: 256", f"max_batch_size: {value}"))
+
+
+def test_edited_config_pbtxt_is_refused(repo_copy):
+    """config.pbtxt is listed in manifest.json's files with its sha256: an edited max_batch_size is a StartupError
+    naming the file (as a modified model file is), for the model it belongs to and no other."""
+    _set_max_batch_size(repo_copy / "lsoftmax_mnist_onnx" / "config.pbtxt", 4096)
+    manifest = read_manifest(repo_copy)
+    onnx = manifest.models["lsoftmax_mnist_onnx"]
+    assert {f.relative for f in onnx.listed} == {"lsoftmax_mnist_onnx/config.pbtxt", "lsoftmax_mnist_onnx/1/model.onnx"}
+    with pytest.raises(StartupError) as info:
+        verify_sha256(onnx)
+    message = str(info.value)
+    assert message.startswith(str(repo_copy / "lsoftmax_mnist_onnx" / "config.pbtxt") + ": sha256 mismatch")
+    assert "model 'lsoftmax_mnist_onnx'" in message and "files.lsoftmax_mnist_onnx/config.pbtxt" in message
+    assert "Re-export the repository" in message and "--max-batch-size" in message
+    verify_sha256(manifest.models["lsoftmax_mnist_torchscript"])  # its own config.pbtxt is untouched
+
+
+def test_missing_listed_file_is_refused(repo_copy):
+    (repo_copy / "lsoftmax_mnist_torchscript" / "config.pbtxt").unlink()
+    manifest = read_manifest(repo_copy)
+    with pytest.raises(StartupError, match=r"config.pbtxt: listed in manifest.json .* but missing.*Re-export"):
+        verify_sha256(manifest.models["lsoftmax_mnist_torchscript"])
+    verify_sha256(manifest.models["lsoftmax_mnist_onnx"])
+
+
+def test_files_outside_every_model_folder_are_checked_for_every_model(repo_copy):
+    (repo_copy / "README.txt").write_text("exported\n")
+    _edit_manifest(repo_copy, lambda m: m["files"].update({"README.txt": "0" * 64}))
+    for entry in read_manifest(repo_copy).models.values():
+        with pytest.raises(StartupError, match=r"README.txt: sha256 mismatch .*files.README.txt"):
+            verify_sha256(entry)
+
+
+def test_manifest_without_files_checks_the_model_files_only(repo_copy):
+    """A repository written without manifest.json's files (bench's tiny repository, hand-made ones) still loads:
+    only models.<name>.sha256 is there to check."""
+    _set_max_batch_size(repo_copy / "lsoftmax_mnist_onnx" / "config.pbtxt", 4096)
+    _edit_manifest(repo_copy, lambda m: m.pop("files"))
+    manifest = read_manifest(repo_copy)
+    for entry in manifest.models.values():
+        assert entry.listed == ()
+        verify_sha256(entry)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.pop("models"), "models: missing"),
     (lambda m: m.pop("embedding_dim"), "embedding_dim: missing"),
@@ -77,6 +126,10 @@ def test_sha256_mismatch_is_refused(repo_copy):
     (lambda m: m.update(models={}), "models: empty"),
     (lambda m: m["outputs"][0].pop("name"), "outputs[0].name: missing"),
     (lambda m: m["input"].update(shape=[-1, "28"]), "input.shape: expected a list of integers"),
+    (lambda m: m["files"].update({"lsoftmax_mnist_onnx/config.pbtxt": "abc"}),
+     "files.lsoftmax_mnist_onnx/config.pbtxt: not a hex sha256"),
+    (lambda m: m["files"].update({"../outside.txt": "0" * 64}), "files.../outside.txt: points outside the repository"),
+    (lambda m: m.update(files=["lsoftmax_mnist_onnx/config.pbtxt"]), "files: expected object, got list"),
 ])
 def test_manifest_defects_are_clear_errors(repo_copy, edit, message):
     _edit_manifest(repo_copy, edit)
