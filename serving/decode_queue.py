@@ -8,7 +8,10 @@ Two lanes of worker threads:
   is refused before anything is decoded), then decodes the images whose declared size is at most SMALL_PIXELS (phone-screen drawings, scans at web size, MNIST-sized files), in request order;
 - the *large* lane decodes the rest, one image per job. Its queue is bounded (max_queued_large images waiting or
   running across all requests): beyond it a request gets RESOURCE_EXHAUSTED at once instead of waiting.
-So a 28x28 PNG never waits behind someone's 4096x4096 PNGs. Between images the request's deadline and
+So a 28x28 PNG never waits behind someone's 4096x4096 PNGs. A count does not bound memory (a 700-byte WebP may
+declare 4000x4000), so each large image also takes its decoding cost (serving.images.decode_cost) from the
+server-wide byte budget (serving.decode_budget: waits its turn within the deadline, refused when it could never
+fit), and each decoded image is released as soon as its 28x28 exists. Between images the request's deadline and
 cancellation are checked (a decode that started runs to its end: at most one image, bounded by the pixel
 limit). Each request also has a pixel budget (the declared sizes of its images summed), refused with
 RESOURCE_EXHAUSTED naming the image that overdraws it. All-raw requests never come here (no decoding to do).
@@ -25,8 +28,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from serving.decode_budget import DEFAULT_MAX_DECODE_BYTES, DecodeBudget
 from serving.errors import DeadlineExceeded, ImageError, InvalidInput, LimitExceeded
-from serving.images import SIDE, Fit, Invert, open_image, prepare_image, raw_pixels
+from serving.images import SIDE, Fit, Invert, decode_cost, open_image, prepare_image, raw_pixels
 
 __all__ = ["Decoder", "SMALL_PIXELS"]
 
@@ -77,6 +81,15 @@ class _Request:
             self.charge(index, im)
             self.opened.append(im)
 
+    def prepare(self, index: int, im: Image.Image) -> None:
+        """Decode one opened image into out[index], then let go of it at once: the full-size pixels must not live
+        until the request ends."""
+        try:
+            self.out[index, 0] = prepare_image(index, im, self.invert, self.fit)
+        finally:
+            self.opened[index] = None
+            im.close()
+
     def run_small(self, start: int) -> tuple[int, Image.Image | None]:
         """Small-lane worker: decode items[start:] in order until the end, or until an image too large for this
         lane, returned opened (header only) with its index."""
@@ -90,19 +103,20 @@ class _Request:
             elif im.size[0] * im.size[1] > SMALL_PIXELS:
                 return index, im
             else:
-                self.out[index, 0] = prepare_image(index, im, self.invert, self.fit)
+                self.prepare(index, im)
         return len(self.items), None
 
     def run_large(self, index: int, im: Image.Image) -> None:
         """Large-lane worker: one image."""
         self.check()
-        self.out[index, 0] = prepare_image(index, im, self.invert, self.fit)
+        self.prepare(index, im)
 
 
 class Decoder:
     def __init__(self, threads: int = 2, max_queued_large: int = 8, max_image_pixels: int = 4096 * 4096,
-                 max_request_pixels: int = 4 * 4096 * 4096) -> None:
+                 max_request_pixels: int = 4 * 4096 * 4096, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> None:
         self.max_queued_large = max_queued_large
+        self.budget = DecodeBudget(max_decode_bytes)
         self.max_image_pixels = max_image_pixels
         self.max_request_pixels = max_request_pixels
         self._small = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
@@ -126,16 +140,39 @@ class Decoder:
                     raise LimitExceeded(f"image {index}: the server is already decoding {self.queued_large} large "
                                         f"images (over {SMALL_PIXELS} pixels; --max-decode-queue "
                                         f"{self.max_queued_large}); send smaller images or retry later")
-                self.queued_large += 1
-                try:
-                    await loop.run_in_executor(self._large, request.run_large, index, large)
-                finally:
-                    self.queued_large -= 1
+                await self._decode_large(loop, request, index, large)
+                large = None
                 index += 1
         except asyncio.CancelledError:
             request.cancelled.set()  # the worker stops before its next image
             raise
         return request.out
+
+    async def _decode_large(self, loop: asyncio.AbstractEventLoop, request: _Request, index: int,
+                            im: Image.Image) -> None:
+        """One large image in the large lane, counted and charged to the byte budget until the worker is done with
+        it (a caller that gives up does not stop a decode that has started: its bytes stay charged until it ends)."""
+        self.queued_large += 1
+        cost = decode_cost(im)
+        try:
+            await self.budget.acquire(cost, request.deadline, f"image {index}")
+        except BaseException:
+            self.queued_large -= 1
+            raise
+
+        def finished() -> None:
+            self.queued_large -= 1
+            self.budget.release(cost)
+
+        def on_done(_) -> None:  # in the worker thread (or here, when cancelled before it started)
+            try:
+                loop.call_soon_threadsafe(finished)
+            except RuntimeError:  # the loop has closed: the server is gone
+                pass
+
+        job = self._large.submit(request.run_large, index, im)
+        job.add_done_callback(on_done)
+        await asyncio.wrap_future(job, loop=loop)
 
     def close(self) -> None:
         for pool in (self._small, self._large):

@@ -34,12 +34,18 @@ from serving.errors import ImageError, InvalidInput
 from serving.framing import SIDE, fit_digit, is_light_background, resize_to
 
 __all__ = ["Invert", "Fit", "SIDE", "PIXELS", "DEFAULT_MAX_IMAGE_PIXELS", "ACCEPTED_FORMATS", "WORK_SIDE",
-           "configure_pillow", "open_image", "prepare_image", "decode_batch", "decode_image", "raw_pixels"]
+           "configure_pillow", "open_image", "prepare_image", "decode_cost", "decode_batch", "decode_image",
+           "raw_pixels"]
 
 PIXELS = SIDE * SIDE
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 WORK_SIDE = 160  # longer side images are shrunk to before any arithmetic: the digit ends up 20 px tall, 160 px finds it
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+# Peak bytes per declared pixel while an image is decoded and converted (decode_cost), with a margin over what was
+# measured for 4096x4096 images (ru_maxrss growth of one decode): grey PNG 1.04; RGB PNG/BMP, palette PNG/GIF
+# 4.8-5.0; RGBA PNG and 16-bit TIFF 5.8; WebP 6.3 (Pillow holds 4 bytes a pixel for every mode but L, 1, P and I;16).
+GREY_BYTES_PER_PIXEL = 2
+COLOUR_BYTES_PER_PIXEL = 7
 
 Image.init()
 
@@ -111,6 +117,20 @@ def open_image(index: int, data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAG
         raise ImageError(index, f"{im.format} image of {width}x{height} pixels exceeds the limit of "
                                 f"{max_image_pixels} pixels")
     return im
+
+
+def decode_cost(im: Image.Image) -> int:
+    """Bytes decoding this opened image (open_image) holds at its peak: its declared size, a JPEG's at the DCT
+    scale _load_small will use, times the bytes per pixel its mode needs. What the server-wide decode budget
+    (serving.decode_budget) charges before it starts."""
+    width, height = im.size
+    if im.format == "JPEG":
+        scale = 1
+        while scale < 8 and max(width, height) // (scale * 2) >= WORK_SIDE:
+            scale *= 2
+        width, height = -(-width // scale), -(-height // scale)
+    per_pixel = GREY_BYTES_PER_PIXEL if im.mode in ("L", "1") else COLOUR_BYTES_PER_PIXEL
+    return width * height * per_pixel
 
 
 def _load_small(im: Image.Image) -> Image.Image:

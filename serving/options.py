@@ -6,6 +6,7 @@ import argparse
 import os
 
 from serving.backends import BACKENDS, DEVICES
+from serving.decode_budget import DEFAULT_MAX_DECODE_BYTES
 from serving.images import DEFAULT_MAX_IMAGE_PIXELS
 from serving.logs import LOG_LEVELS
 from serving.security import TOKEN_ENV
@@ -58,6 +59,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-decode-queue", type=_positive(int), default=8,
                    help="large images (over 512x512 pixels) waiting for or in decoding, over all requests; a request "
                         "that would exceed it gets RESOURCE_EXHAUSTED at once")
+    p.add_argument("--max-decode-memory-mb", type=_positive(int), default=DEFAULT_MAX_DECODE_BYTES >> 20,
+                   help="memory all image decoding may hold at once, server-wide: each large image is charged its "
+                        "decoding peak (about 7 bytes per declared pixel in colour, 2 in grey) before it starts; one "
+                        "that does not fit now waits (within its deadline), one larger than all of it is refused "
+                        "with RESOURCE_EXHAUSTED")
     p.add_argument("--intra-op-threads", type=_positive(int, maximum=256), default=DEFAULT_INTRA_OP_THREADS,
                    help="threads one backend call may use (ONNX Runtime's intra_op_num_threads; torch.set_num_threads "
                         "for TorchScript). 1 measured best on 2 CPU cores: the event loop, gRPC's poller and the "

@@ -228,7 +228,8 @@ def _build(args: argparse.Namespace, plan: _Plan) -> _App:
                  ("grpc.so_reuseport", 0)],  # a busy port is an error, not a silently shared one
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,
     )
-    decoder = Decoder(args.decode_threads, args.max_decode_queue, args.max_image_pixels, args.max_request_pixels)
+    decoder = Decoder(args.decode_threads, args.max_decode_queue, args.max_image_pixels, args.max_request_pixels,
+                      args.max_decode_memory_mb << 20)
     runners: dict[str, ModelRunner] = {}
     health = HealthServicer([SERVICE_NAME, KSERVE_SERVICE_NAME])
     pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(runners, plan.typed_model.name, plan.limits, decoder),
