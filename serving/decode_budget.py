@@ -21,8 +21,9 @@ from serving.errors import DeadlineExceeded, LimitExceeded
 
 __all__ = ["DecodeBudget", "DEFAULT_MAX_DECODE_BYTES"]
 
-# Two decode threads, each with one 4096x4096 image at its peak (~110 MiB, serving.images.decode_cost), fit.
-DEFAULT_MAX_DECODE_BYTES = 256 * 2**20
+# Two 4096x4096 PNGs at their decoding peak (80-130 MiB each, serving.images.decode_cost) fit; a 4096x4096 WebP
+# (~270 MiB charged) decodes alone under a budget of 320 MiB.
+DEFAULT_MAX_DECODE_BYTES = 320 * 2**20
 
 
 class DecodeBudget:

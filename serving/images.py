@@ -41,11 +41,14 @@ PIXELS = SIDE * SIDE
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 WORK_SIDE = 160  # longer side images are shrunk to before any arithmetic: the digit ends up 20 px tall, 160 px finds it
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
-# Peak bytes per declared pixel while an image is decoded and converted (decode_cost), with a margin over what was
-# measured for 4096x4096 images (ru_maxrss growth of one decode): grey PNG 1.04; RGB PNG/BMP, palette PNG/GIF
-# 4.8-5.0; RGBA PNG and 16-bit TIFF 5.8; WebP 6.3 (Pillow holds 4 bytes a pixel for every mode but L, 1, P and I;16).
+# Peak bytes per declared pixel while an image is decoded and converted (decode_cost), a margin over what one decode
+# of a 4096x4096 image measured (VmHWM growth, glibc's mmap threshold fixed as the server sets it): grey 1.0; RGB
+# PNG/BMP/TIFF and palette PNG/GIF 5.0; 16-bit TIFF 6.0; with alpha 8.1; WebP 16.0 (Pillow decodes it through
+# libwebp's animation decoder: two canvases, the frame's bytes and the image, 4 bytes a pixel each).
 GREY_BYTES_PER_PIXEL = 2
 COLOUR_BYTES_PER_PIXEL = 7
+ALPHA_BYTES_PER_PIXEL = 9
+WEBP_BYTES_PER_PIXEL = 17
 
 Image.init()
 
@@ -129,32 +132,49 @@ def decode_cost(im: Image.Image) -> int:
         while scale < 8 and max(width, height) // (scale * 2) >= WORK_SIDE:
             scale *= 2
         width, height = -(-width // scale), -(-height // scale)
-    per_pixel = GREY_BYTES_PER_PIXEL if im.mode in ("L", "1") else COLOUR_BYTES_PER_PIXEL
+    if im.format == "WEBP":
+        per_pixel = WEBP_BYTES_PER_PIXEL
+    elif im.mode in ("L", "1"):
+        per_pixel = GREY_BYTES_PER_PIXEL
+    elif im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        per_pixel = ALPHA_BYTES_PER_PIXEL
+    else:
+        per_pixel = COLOUR_BYTES_PER_PIXEL
     return width * height * per_pixel
 
 
 def _load_small(im: Image.Image) -> Image.Image:
-    """Decode frame 0, a JPEG at a reduced DCT scale when it is large; upright (EXIF); longer side <= WORK_SIDE."""
+    """Decode frame 0, a JPEG at a reduced DCT scale when it is large; upright (EXIF); longer side <= WORK_SIDE.
+    Memory: the orientation is applied in place (exif_transpose copies a full-size image otherwise, even one
+    with no orientation to apply), and each full-size intermediate is released as soon as the next exists, so
+    at most two full-size images live at once (decode_cost charges that)."""
     if im.format == "JPEG" and max(im.size) > WORK_SIDE:
         im.draft("L" if im.mode in ("L", "RGB") else im.mode, (WORK_SIDE, WORK_SIDE))
     im.seek(0)
     im.load()
-    im = ImageOps.exif_transpose(im)
+    ImageOps.exif_transpose(im, in_place=True)
     if im.mode.startswith("I;16"):
-        im = im.convert("I")
+        im = _replace(im, im.convert("I"))
     elif im.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
-        im = im.convert("RGB" if im.mode != "1" else "L")
+        im = _replace(im, im.convert("RGB" if im.mode != "1" else "L"))
     elif im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        im = _replace(im, im.convert("RGBA" if "transparency" in im.info else "RGB"))
     if im.mode in ("RGB", "RGBX"):
-        im = im.convert("L")  # before shrinking: a third of the work
+        im = _replace(im, im.convert("L"))  # before shrinking: a third of the work
     elif im.mode in ("RGBA", "RGBa"):
-        im = im.convert("LA")
+        im = _replace(im, im.convert("LA"))
     elif im.mode == "PA":
-        im = im.convert("RGBA").convert("LA")
+        im = _replace(im, im.convert("RGBA").convert("LA"))
     if max(im.size) > WORK_SIDE:
         im.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return im
+
+
+def _replace(old: Image.Image, new: Image.Image) -> Image.Image:
+    """`new`, with `old`'s pixels released now (the caller may still hold `old`, e.g. the request's opened image)."""
+    if new is not old:
+        old.close()
+    return new
 
 
 def _to_gray(im: Image.Image) -> np.ndarray:

@@ -51,6 +51,7 @@ from serving.interceptors import BoundaryInterceptor, Drain
 from serving.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from serving.kserve import KServeServicer
 from serving.logs import configure_logging, log_event
+from serving.malloc import fix_mmap_threshold, trim_when_grown
 from serving.metrics import MetricsServer, ModelStats
 from serving.model_config import read_model_config
 from serving.repository import Manifest, ModelEntry, read_manifest, verify_sha256
@@ -344,14 +345,17 @@ async def serve(args: argparse.Namespace) -> int:
     plan = _plan(args)
     app = _build(args, plan)
     await _listen(args, plan, app)
-    loading = None
+    loading = trimming = None
     try:
         loading = await _load_models(args, plan, app, shutdown)
         if not shutdown.event.is_set():
             await app.health.set_all(SERVING)
             _log_ready(args, plan, app)
+            trimming = asyncio.ensure_future(trim_when_grown())
             await shutdown.event.wait()
     finally:
+        if trimming is not None:
+            trimming.cancel()
         await _drain_and_stop(args, app, shutdown, loading)
     log_event(logger, logging.INFO, "stopped")
     return 0
@@ -378,6 +382,7 @@ def main(args: argparse.Namespace) -> int:
     faulthandler.enable()  # a native crash prints every thread's Python stack to stderr
     configure_logging(args.log_level, args.log_format)
     configure_pillow(args.max_image_pixels)
+    fix_mmap_threshold()  # freed image buffers go back to the system (serving.malloc)
     try:
         return asyncio.run(serve(args))
     except StartupError as exc:  # UsageError (flags that cannot work together) exits 2, as argparse's errors do

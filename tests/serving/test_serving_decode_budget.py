@@ -18,7 +18,8 @@ import serving.decode_queue as decode_queue
 from serving.decode_budget import DecodeBudget
 from serving.decode_queue import Decoder
 from serving.errors import DeadlineExceeded, LimitExceeded
-from serving.images import COLOUR_BYTES_PER_PIXEL, GREY_BYTES_PER_PIXEL, Fit, Invert, decode_cost, open_image
+from serving.images import (ALPHA_BYTES_PER_PIXEL, COLOUR_BYTES_PER_PIXEL, GREY_BYTES_PER_PIXEL,
+                            WEBP_BYTES_PER_PIXEL, Fit, Invert, decode_cost, open_image)
 
 
 async def _settle() -> None:
@@ -95,7 +96,9 @@ def _encoded(mode: str, size: tuple[int, int], fmt: str = "PNG") -> bytes:
 
 def test_decode_cost_follows_mode_size_and_jpeg_scale():
     assert decode_cost(open_image(0, _encoded("L", (1000, 800)))) == 1000 * 800 * GREY_BYTES_PER_PIXEL
-    assert decode_cost(open_image(0, _encoded("RGBA", (1000, 800)))) == 1000 * 800 * COLOUR_BYTES_PER_PIXEL
+    assert decode_cost(open_image(0, _encoded("RGB", (1000, 800)))) == 1000 * 800 * COLOUR_BYTES_PER_PIXEL
+    assert decode_cost(open_image(0, _encoded("RGBA", (1000, 800)))) == 1000 * 800 * ALPHA_BYTES_PER_PIXEL
+    assert decode_cost(open_image(0, _encoded("RGB", (1000, 800), "WEBP"))) == 1000 * 800 * WEBP_BYTES_PER_PIXEL
     # A 4000x3000 JPEG decodes at 1/8 scale (500x375): the budget charges that, not 12 megapixels.
     assert decode_cost(open_image(0, _encoded("RGB", (4000, 3000), "JPEG"))) == 500 * 375 * COLOUR_BYTES_PER_PIXEL
 
