@@ -9,20 +9,21 @@ The server is started with --port 0 and --metrics-port 0 (the OS picks free port
 hopes) and JSON logs; its stderr is read line by line on a thread, so callers wait on log events
 (`listening`, `ready`, `drained`, `stopped`, ...) instead of polling. `log_path` also writes every line to a file.
 It runs in the project root unless `cwd` names another copy of serving/ (an older commit's, for bench.serve_ab's
-A/B); `env` adds environment variables.
+A/B); `env` adds environment variables; `entry` replaces `-m serving` with another program taking the same flags
+(tests/serving/gated_server.py: the server with test-controlled gates).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 __all__ = ["ServerProcess", "PROJECT_ROOT"]
 
@@ -34,10 +35,10 @@ class ServerProcess:
 
     def __init__(self, repository: Path | str, *args: str, log_path: Path | str | None = None,
                  python: str = sys.executable, log_level: str = "debug", cwd: Path | str = PROJECT_ROOT,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, entry: Sequence[str] = ("-m", "serving")) -> None:
         defaults = {"--port": "0", "--metrics-port": "0", "--log-level": log_level}
         given = set(args)
-        cmd = [python, "-m", "serving", "--model-repository", str(repository), "--log-format", "json", *args]
+        cmd = [python, *entry, "--model-repository", str(repository), "--log-format", "json", *args]
         for flag, value in defaults.items():
             if flag not in given:
                 cmd += [flag, value]
@@ -49,7 +50,8 @@ class ServerProcess:
         self.lines: list[str] = []
         self.address: str | None = None
         self._log = open(log_path, "w") if log_path else None
-        self._events: queue.Queue = queue.Queue()
+        self._changed = threading.Condition()  # notified for each record and at EOF
+        self._eof = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -63,29 +65,35 @@ class ServerProcess:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            self.records.append(record)
-            self._events.put(record)
-        self._events.put(None)  # EOF
+            with self._changed:
+                self.records.append(record)
+                self._changed.notify_all()
         if self._log is not None:
             self._log.close()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
 
-    def wait_for(self, event: str, timeout: float = 60.0) -> dict:
-        """Block until the server logs `event`; AssertionError with the log if it exits or times out first."""
-        for record in self.records:
-            if record.get("event") == event:
-                return record
+    def wait_for(self, event: str, timeout: float = 60.0, match: Callable[[dict], bool] | None = None,
+                 since: int = 0) -> dict:
+        """Block until the server logs `event` (and `match(record)` holds, when given), looking at records from
+        index `since` on (`len(server.records)` taken before an action: only what the server logged after it);
+        AssertionError with the log if it exits or times out first."""
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                record = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {event!r} within {timeout} s; log:\n" + "\n".join(self.lines)) from None
-            if record is None:
-                self._events.put(None)  # keep EOF visible to later waits
-                raise AssertionError(f"server exited ({self.proc.wait()}) before {event!r}; log:\n"
-                                     + "\n".join(self.lines))
-            if record.get("event") == event:
-                return record
+        seen = since
+        with self._changed:
+            while True:
+                for record in self.records[seen:]:
+                    if record.get("event") == event and (match is None or match(record)):
+                        return record
+                seen = len(self.records)
+                if self._eof:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {event!r} within {timeout} s; log:\n" + "\n".join(self.lines))
+                self._changed.wait(left)
+        raise AssertionError(f"server exited ({self.proc.wait()}) before {event!r}; log:\n" + "\n".join(self.lines))
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
         """Wait until the server listens (address known) and every model is loaded and warm (`ready`)."""

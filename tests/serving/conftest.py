@@ -12,6 +12,11 @@
   answer the server's results are compared with.
 - `scrape(server)`: the server's Prometheus metrics as {(name, labels...): value}; `loadgen(*args)`: runs
   bench/loadgen.py (closed-loop load in its own processes) and returns its JSON summary.
+- `Gates` (`gates` fixture): calls held in flight by the test, never by guessing how long work takes here.
+  `gates.server(repo, ...)` runs tests/serving/gated_server.py (the server with gates at the backend call and at
+  image decoding); `gates.hold("infer")` / `gates.release()` open and close them, `gates.wait_held(server, "infer",
+  n)` waits until n calls wait at a gate. `wait_until(condition)` polls a condition the test has frozen that way
+  (e.g. `pending(server) == 15`), with a give-up timeout only.
 tritonclient's generated `inference.*` messages clash with ours in one process: no test imports
 serving._proto.inference (or serving.server / serving.kserve) in the pytest process; servers run in subprocesses.
 Test modules cannot import this file by name (tests/conftest.py owns that name), so the helpers reach them
@@ -21,12 +26,15 @@ Run: .venv/bin/python -m pytest tests/serving -q
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -119,11 +127,85 @@ def loadgen(*args: str, timeout: float = 300) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def wait_until(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.01,
+               what: str = "") -> object:
+    """Poll `condition` until it returns something true (returned); AssertionError after `timeout` s. For states a
+    gate has frozen (so they are reached, not raced): the timeout only stops a broken test from hanging."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s: {what or condition}")
+        time.sleep(interval)
+
+
+def pending(server: ServerProcess, model: str = "lsoftmax_mnist_onnx") -> float:
+    """Requests queued for the model's backend right now (nv_inference_pending_request_count)."""
+    return metric(scrape(server), "nv_inference_pending_request_count", model=model)
+
+
+GATED_SERVER = PROJECT_ROOT / "tests" / "serving" / "gated_server.py"
+GATE_DIR_ENV = "LSOFTMAX_TEST_GATE_DIR"
+
+
+class Gates:
+    """The test's side of tests/serving/gated_server.py: while `folder`/hold-NAME exists, calls reaching gate NAME
+    (infer, decode, decode-large) wait in the server, which logs `gate_waiting` for each."""
+
+    NAMES = ("infer", "decode", "decode-large")
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def server(self, repository: Path, *args: str, env: dict[str, str] | None = None, **kwargs) -> ServerProcess:
+        """A ServerProcess running the gated server (not yet waited for: call .start())."""
+        return ServerProcess(repository, *args, entry=(str(GATED_SERVER),),
+                             env={**(env or {}), GATE_DIR_ENV: str(self.folder)}, **kwargs)
+
+    def hold(self, *names: str) -> None:
+        for name in names:
+            assert name in self.NAMES, name
+            (self.folder / f"hold-{name}").touch()
+
+    def release(self, *names: str) -> None:
+        """Let the calls at these gates (all gates when none is named) go, and let later ones pass."""
+        for name in names or self.NAMES:
+            (self.folder / f"hold-{name}").unlink(missing_ok=True)
+
+    def holding_now(self, name: str) -> bool:
+        return (self.folder / f"hold-{name}").exists()
+
+    @contextlib.contextmanager
+    def holding(self, *names: str):
+        """Hold these gates for the block; released on the way out, whatever happens."""
+        self.hold(*names)
+        try:
+            yield self
+        finally:
+            self.release(*names)
+
+    @staticmethod
+    def wait_held(server: ServerProcess, name: str, n: int = 1, since: int = 0, timeout: float = 60.0) -> dict:
+        """Until at least n calls wait at gate `name` (records from index `since` on); returns that log record."""
+        return server.wait_for("gate_waiting", timeout, since=since,
+                               match=lambda r: r.get("gate") == name and r.get("held", 0) >= n)
+
+
+@pytest.fixture
+def gates(tmp_path) -> Gates:
+    gates = Gates(tmp_path / "gates")
+    yield gates
+    gates.release()  # whatever the test did: nothing stays held for the servers' shutdown
+
+
 @pytest.fixture(scope="session")
 def helpers() -> SimpleNamespace:
     return SimpleNamespace(ServerProcess=ServerProcess, png_bytes=png_bytes, reference_outputs=reference_outputs,
                            softmax=softmax, SERVER_LIMITS=SERVER_LIMITS, PROJECT_ROOT=PROJECT_ROOT, scrape=scrape,
-                           metric=metric, loadgen=loadgen)
+                           metric=metric, loadgen=loadgen, Gates=Gates, wait_until=wait_until, pending=pending)
 
 
 @pytest.fixture(scope="session")

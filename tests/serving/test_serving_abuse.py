@@ -1,12 +1,12 @@
 """Hostile images against a real server (subprocess): refused formats and bombs answer INVALID_ARGUMENT or
-RESOURCE_EXHAUSTED within a second and the server keeps answering; under a flood of 4096x4096 PNGs a 28x28
-request still answers quickly and memory stays bounded (slow).
+RESOURCE_EXHAUSTED and the server keeps answering, and (in-process, on the server's decoding path) none of them is
+decoded to be refused, a GIF frame bomb costs one frame; under a flood of 4096x4096 PNGs a 28x28 request still
+answers while the large ones are held decoding, and memory stays bounded (slow).
 Run: .venv/bin/python -m pytest tests/serving/test_serving_abuse.py -q [-m slow]"""
 
 from __future__ import annotations
 
 import io
-import statistics
 import struct
 import threading
 import time
@@ -87,36 +87,85 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_hostile_images_are_refused_within_a_second(stub, case):
+def test_hostile_images_are_refused_and_the_server_keeps_answering(stub, case):
     images, codes, text = HOSTILE[case]
     request = pb.ClassifyRequest(images=[pb.Image(encoded=data) for data in images])
-    start = time.perf_counter()
     with pytest.raises(grpc.RpcError) as info:
-        stub.Classify(request, timeout=10)
-    assert time.perf_counter() - start < 1.0
+        stub.Classify(request, timeout=30)
     assert info.value.code() in codes and text in info.value.details(), info.value.details()
-    assert len(stub.Classify(pb.ClassifyRequest(images=[pb.Image(pixels=bytes(784))]), timeout=5).results) == 1
+    assert len(stub.Classify(pb.ClassifyRequest(images=[pb.Image(pixels=bytes(784))]), timeout=30).results) == 1
 
 
-def test_a_gif_with_thousands_of_frames_costs_one_frame(stub):
-    """Only frame 0 is decoded: a frame bomb answers (it is a valid image) as fast as a one-frame GIF."""
+def _record_decoding(monkeypatch) -> list[tuple[str, tuple[int, int]]]:
+    """(format, size) of every image Pillow decodes from a file from now on (ICO's PNG entries included)."""
+    from PIL import ImageFile
+
+    decoded: list[tuple[str, tuple[int, int]]] = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda self, *args, **kwargs: decoded.append((self.format, self.size)) or real(self, *args,
+                                                                                                            **kwargs))
+    return decoded
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_images_are_refused_before_any_pixel_is_decoded(case, monkeypatch):
+    """What makes a refusal cheap, checked instead of timed: on the server's own decoding path (serving.decode_queue
+    with the server's default limits and Pillow configured as the server configures it), nothing is decoded."""
+    import asyncio
+    import warnings
+
+    from serving.decode_queue import Decoder
+    from serving.errors import ImageError, LimitExceeded
+    from serving.images import DEFAULT_MAX_IMAGE_PIXELS, Fit, Invert, configure_pillow
+
+    images, _, text = HOSTILE[case]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    decoded = _record_decoding(monkeypatch)
+    decoder = Decoder(threads=1)
+    try:
+        with warnings.catch_warnings():
+            configure_pillow(DEFAULT_MAX_IMAGE_PIXELS)
+            with pytest.raises((ImageError, LimitExceeded)) as info:
+                asyncio.run(decoder.decode([("encoded", data) for data in images], Invert.AUTO, Fit.AUTO))
+    finally:
+        decoder.close()
+    assert text in str(info.value)
+    assert decoded == []
+
+
+def test_a_gif_with_thousands_of_frames_costs_one_frame(stub, monkeypatch):
+    """Only frame 0 is decoded: a frame bomb answers (it is a valid image), and decoding it never moves past
+    frame 0 (checked in-process on the same decoding function, instead of timing the server)."""
+    from PIL import GifImagePlugin
+
+    from serving.images import decode_image
+
     data = _gif_frames(3000)
-    start = time.perf_counter()
-    response = stub.Classify(pb.ClassifyRequest(images=[pb.Image(encoded=data)]), timeout=10)
-    assert len(response.results) == 1 and time.perf_counter() - start < 1.0
+    response = stub.Classify(pb.ClassifyRequest(images=[pb.Image(encoded=data)]), timeout=30)
+    assert len(response.results) == 1
+    frames: list[int] = []
+    real_seek = GifImagePlugin.GifImageFile._seek
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_seek",
+                        lambda self, frame, *args, **kwargs: frames.append(frame) or real_seek(self, frame, *args,
+                                                                                                  **kwargs))
+    assert decode_image(0, data).shape == (28, 28)
+    assert frames and set(frames) == {0}, frames[:10]
 
 
 @pytest.mark.slow
-def test_a_flood_of_huge_pngs_does_not_hold_up_a_small_request(model_repository, helpers):
-    """4 clients keep sending 4096x4096 PNGs with a 1 s deadline; a 28x28 PNG request meanwhile answers within
-    250 ms at the 99th percentile and the server's RSS stays under 1 GiB."""
-    server = helpers.ServerProcess(model_repository, "--backend", "onnx", "--device", "cpu",
-                                   "--log-level", "info").start()
+def test_a_flood_of_huge_pngs_does_not_hold_up_a_small_request(model_repository, helpers, gates):
+    """4 clients keep sending 4096x4096 PNGs with a 1 s deadline. While both large-lane threads are held decoding
+    (by the test), 28x28 PNG requests still answer, and no large request has; let go, the flood decodes for real
+    and the server's RSS stays under 1 GiB."""
+    gates.hold("decode-large")
+    server = gates.server(model_repository, "--backend", "onnx", "--device", "cpu", "--decode-threads", "2").start()
     big = pb.ClassifyRequest(images=[pb.Image(encoded=_big_png(4096))] * 4)
     small = pb.ClassifyRequest(images=[pb.Image(encoded=_png(np.zeros((28, 28), np.uint8)))])
     stop = threading.Event()
     outcomes: list[str] = []
     rss: list[int] = []
+    latencies: list[float] = []
 
     def flood():
         with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", -1)]) as channel:
@@ -133,27 +182,42 @@ def test_a_flood_of_huge_pngs_does_not_hold_up_a_small_request(model_repository,
             rss.append(server.rss_kib())
             time.sleep(0.05)
 
+    def large_decodes_done() -> int:  # large requests the server took and answered (the 2 held ones decode first)
+        return sum(r.get("event") == "rpc" and r.get("images") == 4 and r.get("code") != "RESOURCE_EXHAUSTED"
+                   for r in server.records)
+
     threads = [threading.Thread(target=flood) for _ in range(4)] + [threading.Thread(target=watch_memory)]
-    latencies = []
     try:
         for thread in threads:
             thread.start()
-        time.sleep(1.0)  # the flood is under way
+        gates.wait_held(server, "decode-large", 2)  # both large-lane threads busy with the flood
         with grpc.insecure_channel(server.address) as channel:
             classify = pb_grpc.DigitServiceStub(channel).Classify
-            end = time.monotonic() + 15
-            while time.monotonic() < end:
+            for _ in range(20):
+                assert len(classify(small, timeout=30).results) == 1
+        assert gates.holding_now("decode-large") and "OK" not in outcomes  # answered while every large one waits
+        released = large_decodes_done()
+        gates.release("decode-large")
+        # The flood decodes for real now (the two held images at once first): watch the memory while 8 more large
+        # requests go through the server. Small requests meanwhile are timed for BENCHMARKS.md, not judged.
+        with grpc.insecure_channel(server.address) as channel:
+            classify = pb_grpc.DigitServiceStub(channel).Classify
+            give_up = time.monotonic() + 120
+            while large_decodes_done() < released + 8:
+                assert time.monotonic() < give_up, "8 large requests did not get through the decoder in 120 s"
                 start = time.perf_counter()
-                assert len(classify(small, timeout=5).results) == 1
+                assert len(classify(small, timeout=30).results) == 1
                 latencies.append(time.perf_counter() - start)
                 time.sleep(0.02)
     finally:
         stop.set()
+        gates.release()
         for thread in threads:
-            thread.join(10)
+            thread.join(30)
         server.stop_cleanly()
-    p99 = float(np.percentile(latencies, 99)) * 1e3
     peak = max(rss) / 1024
-    print(f"\nflood: {len(latencies)} small requests, p50 {statistics.median(latencies) * 1e3:.1f} ms, "
-          f"p99 {p99:.1f} ms; peak RSS {peak:.0f} MiB; big requests {dict((o, outcomes.count(o)) for o in set(outcomes))}")
-    assert p99 < 250 and peak < 1024
+    p50, p99 = (float(np.percentile(latencies, q)) * 1e3 for q in (50, 99)) if latencies else (0.0, 0.0)
+    print(f"\nflood: {len(latencies)} small requests while large ones decoded, p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+          f"(not asserted: speed); peak RSS {peak:.0f} MiB; big requests "
+          f"{dict((o, outcomes.count(o)) for o in set(outcomes))}")
+    assert peak < 1024

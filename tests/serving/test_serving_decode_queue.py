@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import threading
 import time
 import tracemalloc
 import warnings
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.decode_queue import Decoder
+from serving.decode_queue import SMALL_PIXELS, Decoder
 from serving.errors import DeadlineExceeded, ImageError, LimitExceeded
 from serving.images import WORK_SIDE, Fit, Invert, configure_pillow, decode_image, open_image
 
@@ -42,12 +43,33 @@ def _ico_holding(png: bytes, declared: int = 0) -> bytes:
     return header + entry + png
 
 
-def test_ico_is_refused_by_name_without_decoding_its_png():
+def record_decoding(monkeypatch) -> list[tuple[str, tuple[int, int]]]:
+    """Every image Pillow decodes from a file from now on (ImageFile.load, and ICO's own loader), as (format, size):
+    what "refused without decoding" is checked against, instead of how long the refusal took."""
+    from PIL import IcoImagePlugin, ImageFile
+
+    decoded: list[tuple[str, tuple[int, int]]] = []
+    for cls in (ImageFile.ImageFile, IcoImagePlugin.IcoImageFile):
+        real = cls.load
+
+        def load(self, *args, _real=real, **kwargs):
+            decoded.append((self.format, self.size))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "load", load)
+    return decoded
+
+
+def test_ico_is_refused_by_name_without_decoding_its_png(monkeypatch):
     data = _ico_holding(_big_png(3000))
-    start = time.perf_counter()
+    decoded = record_decoding(monkeypatch)
+    # Pillow itself decodes the PNG inside while opening an ICO: the recorder sees that.
+    Image.open(io.BytesIO(_ico_holding(_big_png(64), declared=64))).close()
+    assert decoded, "the recorder sees no decoding: the check below would prove nothing"
+    decoded.clear()
     with pytest.raises(ImageError, match="image 0: ICO images are not accepted"):
         decode_image(0, data)
-    assert time.perf_counter() - start < 0.05  # the 9-megapixel PNG inside was never decoded
+    assert decoded == []  # the 9-megapixel PNG inside was never decoded
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
@@ -116,21 +138,55 @@ def test_the_request_pixel_budget_names_the_image_that_overdraws_it():
         decoder.close()
 
 
-def test_the_deadline_is_checked_between_images():
+def gate_prepare_image(monkeypatch, hold):
+    """Replace serving.decode_queue.prepare_image (the decoding of one opened image, in a worker thread) with one
+    that calls hold(index, im) first; returns the list of (index, size) of the images it was called for."""
+    import serving.decode_queue as decode_queue
+
+    real = decode_queue.prepare_image
+    calls: list[tuple[int, tuple[int, int]]] = []
+
+    def prepare_image(index, im, *args, **kwargs):
+        calls.append((index, im.size))
+        hold(index, im)
+        return real(index, im, *args, **kwargs)
+
+    monkeypatch.setattr(decode_queue, "prepare_image", prepare_image)
+    return calls
+
+
+def test_the_deadline_is_checked_between_images(monkeypatch):
     big = _big_png(1500)
+    deadline = time.monotonic() + 0.2
+
+    def until_the_deadline_passes(index, im):  # the deadline passes while image 0 decodes, however fast that is
+        while time.monotonic() <= deadline:
+            time.sleep(0.005)
+
+    calls = gate_prepare_image(monkeypatch, until_the_deadline_passes)
     decoder = Decoder(threads=1, max_request_pixels=10**9)
     try:
-        start = time.perf_counter()
         with pytest.raises(DeadlineExceeded):
-            _run(decoder.decode(_items(*[big] * 40), Invert.AUTO, Fit.AUTO, deadline=time.monotonic() + 0.05))
-        assert time.perf_counter() - start < 1.0  # stopped after an image or two, not forty
+            _run(decoder.decode(_items(*[big] * 40), Invert.AUTO, Fit.AUTO, deadline=deadline))
     finally:
         decoder.close()
+    # Stopped before the next image: at most the one that was decoding when the deadline passed (none, on a machine
+    # so busy that the deadline had passed before the first began), not forty.
+    assert len(calls) <= 1, calls
 
 
-def test_small_images_do_not_wait_behind_large_ones_and_the_large_queue_is_bounded():
+def test_small_images_do_not_wait_behind_large_ones_and_the_large_queue_is_bounded(monkeypatch):
     big = _big_png(2048)
     small = _encode(Image.fromarray(np.zeros((28, 28), np.uint8)))
+    gate = threading.Event()  # large images wait in the large lane until the test opens it
+    entered = threading.Event()  # a large image is at the gate: the large lane's one thread is busy
+
+    def hold_large(index, im):
+        if im.size[0] * im.size[1] > SMALL_PIXELS:
+            entered.set()
+            assert gate.wait(60), "the test never opened the gate"
+
+    gate_prepare_image(monkeypatch, hold_large)
     decoder = Decoder(threads=1, max_queued_large=2)
     finished: list[str] = []
 
@@ -141,16 +197,27 @@ def test_small_images_do_not_wait_behind_large_ones_and_the_large_queue_is_bound
         except LimitExceeded as exc:
             finished.append(f"{name} refused: {exc}")
 
+    async def until(condition, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"not reached: {finished}, {decoder.queued_large} large queued"
+            await asyncio.sleep(0.001)
+
     async def main():
         heavy = [asyncio.ensure_future(request(f"large{i}", _items(*[big] * 3))) for i in range(3)]
-        await asyncio.sleep(0.05)  # the large lane is busy and its queue full
+        # The large lane's thread holds one request's image, a second request waits for the lane (the queue's 2),
+        # the third is refused.
+        await until(lambda: entered.is_set() and decoder.queued_large == 2 and any("refused" in f for f in finished))
         await request("small", _items(small))
         finished.append("small answered")
+        assert not any(f.startswith("large") and "refused" not in f for f in finished)  # the large ones still held
+        gate.set()
         await asyncio.gather(*heavy)
 
     try:
         _run(main())
     finally:
+        gate.set()
         decoder.close()
     assert finished.index("small answered") < min(i for i, f in enumerate(finished) if f.startswith("large")
                                                    and "refused" not in f)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -191,16 +190,17 @@ def test_concurrent_clients_get_their_own_answers(stub, digits):
     assert sum(together, []) == alone * 3
 
 
-def test_one_debug_log_line_per_request(stub, onnx_server, digits):
+def test_one_debug_log_line_per_request(stub, onnx_server, digits, helpers):
     with pytest.raises(grpc.RpcError):
         stub.Embed(pb.EmbedRequest(images=[pb.Image(pixels=b"x")]), timeout=10)
     stub.Embed(pb.EmbedRequest(images=_raw(digits[0][:5])), timeout=10)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        embeds = [r for r in onnx_server.records if r.get("event") == "rpc" and r["method"].endswith("/Embed")]
-        if any(r["code"] == "OK" and r["images"] == 5 for r in embeds):
-            break
-        time.sleep(0.05)
+
+    def embeds() -> list[dict]:
+        return [r for r in onnx_server.records if r.get("event") == "rpc" and r["method"].endswith("/Embed")]
+
+    # Written before each answer, but read from the server's stderr on a thread here: wait for the line to arrive.
+    helpers.wait_until(lambda: any(r["code"] == "OK" and r["images"] == 5 for r in embeds()), what="the OK line")
+    embeds = embeds()
     assert any(r["code"] == "INVALID_ARGUMENT" and r["images"] == 1 for r in embeds)
     assert any(r["code"] == "OK" and r["images"] == 5 and r["ms"] >= 0 for r in embeds)
     ready = onnx_server.wait_for("ready")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -41,8 +43,13 @@ class FakeBackend:
         self.fail = fail
         self.has_known_score = known_score
         self.batches: list[int] = []
+        self.gate = threading.Event()  # cleared: calls wait (in the model's worker thread) until a test sets it
+        self.gate.set()
+        self.entered = threading.Event()  # a call has reached the backend
 
     def infer(self, images: np.ndarray):
+        self.entered.set()
+        self.gate.wait(60)
         if self.fail:
             raise RuntimeError("the fake backend broke")
         self.batches.append(len(images))
@@ -96,6 +103,7 @@ async def _serve(tmp_path, scenario, *, token: str | None = None, fail: bool = F
     try:
         return await scenario(App(f"127.0.0.1:{port}", stats, drain, backend, runners))
     finally:
+        backend.gate.set()
         await server.stop(None)
         decoder.close()
         for runner in runners.values():
@@ -108,6 +116,17 @@ def _run(tmp_path, scenario, **kwargs):
 
 def _pixels(value: int) -> pb.Image:
     return pb.Image(pixels=bytes([value]) * 784)
+
+
+async def _until(condition, timeout: float = 30.0) -> bool:
+    """Yield to the event loop until condition() holds (True) or `timeout` s pass (False): for states the test has
+    caused, however long this machine takes to get there."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.001)
+    return True
 
 
 async def _status(call) -> tuple[grpc.StatusCode, str]:
@@ -192,33 +211,43 @@ def test_a_draining_server_refuses_new_calls_and_counts_calls_until_answered(tmp
     async def scenario(app: App):
         async with grpc.aio.insecure_channel(app.address) as channel:
             classify = pb_grpc.DigitServiceStub(channel).Classify
-            answered = await _status(classify(pb.ClassifyRequest(images=[_pixels(0)])))
-            await asyncio.sleep(0.05)  # the done callback runs once the status is sent
-            in_flight_after_answer = app.drain.in_flight
+            app.backend.gate.clear()  # the first call is held at the backend: certainly in flight
+            held = asyncio.ensure_future(_status(classify(pb.ClassifyRequest(images=[_pixels(0)]))))
+            counted = await _until(lambda: app.drain.in_flight == 1 and app.backend.entered.is_set())
+            app.backend.gate.set()
+            answered = await held
+            # The call counts until its status is sent (the context's done callback, a moment after the answer).
+            released = await _until(lambda: app.drain.in_flight == 0)
             app.drain.draining = True
             refused = await _status(classify(pb.ClassifyRequest(images=[_pixels(0)])))
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
-        await asyncio.sleep(0.05)
-        return answered, in_flight_after_answer, refused, health.status, app.drain.in_flight, \
-            await app.drain.wait(0.01, 1.0)
+        released_end = await _until(lambda: app.drain.in_flight == 0)
+        return counted, answered, released, refused, health.status, released_end, await app.drain.wait(0.01, 30.0)
 
-    answered, in_flight, refused, health, in_flight_end, drained = _run(tmp_path, scenario)
-    assert answered[0] == grpc.StatusCode.OK and in_flight == 0
+    counted, answered, released, refused, health, released_end, drained = _run(tmp_path, scenario)
+    assert counted and answered[0] == grpc.StatusCode.OK and released
     assert refused[0] == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused[1]
-    assert health == health_pb2.HealthCheckResponse.SERVING and in_flight_end == 0 and drained
+    assert health == health_pb2.HealthCheckResponse.SERVING and released_end and drained
 
 
 def test_queued_requests_share_backend_calls(tmp_path):
     async def scenario(app: App):
+        batcher = next(iter(app.runners.values())).batcher
         async with grpc.aio.insecure_channel(app.address) as channel:
             classify = pb_grpc.DigitServiceStub(channel).Classify
-            responses = await asyncio.gather(*(classify(pb.ClassifyRequest(images=[_pixels(26 * (i % 10))]))
-                                               for i in range(12)))
+            app.backend.gate.clear()  # the first call waits at the backend while the other 11 queue behind it
+            first = asyncio.ensure_future(classify(pb.ClassifyRequest(images=[_pixels(0)])))
+            assert await _until(app.backend.entered.is_set)
+            rest = [asyncio.ensure_future(classify(pb.ClassifyRequest(images=[_pixels(26 * (i % 10))])))
+                    for i in range(1, 12)]
+            assert await _until(lambda: batcher.pending() == 11)
+            app.backend.gate.set()
+            responses = await asyncio.gather(first, *rest)
         return [r.results[0].label for r in responses], app.backend.batches, app.stats.exec_count
 
     labels, batches, executions = _run(tmp_path, scenario)
     assert labels == [i % 10 for i in range(12)]
-    assert sum(batches) == 12 and max(batches) <= 4 and executions == len(batches) < 12
+    assert batches == [1, 4, 4, 3] and executions == 4  # max_batch_size 4
 
 
 @pytest.mark.parametrize("error, code", [

@@ -11,8 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -28,36 +26,39 @@ triton_pb = pytest.importorskip("tritonclient.grpc.service_pb2")
 triton_grpc = pytest.importorskip("tritonclient.grpc.service_pb2_grpc")
 
 SERVICE = "lsoftmax.v1.DigitService"
-MODEL = "lsoftmax_mnist_torchscript"
+MODEL = "lsoftmax_mnist_onnx"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def test_health_transitions(model_repository, helpers):
-    # TorchScript: torch is imported only after the port is bound, so the loading window is seconds long.
-    server = helpers.ServerProcess(model_repository, "--backend", "torchscript", "--device", "cpu")
+def test_health_transitions(model_repository, helpers, gates):
+    # The model is held loading (its warm-up waits at the infer gate) for as long as the checks take.
+    gates.hold("infer")
+    server = gates.server(model_repository, "--backend", "onnx", "--device", "cpu")
     try:
         address = server.wait_for("listening")["address"]
         with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == NOT_SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == NOT_SERVING
             with pytest.raises(grpc.RpcError) as info:
-                pb_grpc.DigitServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+                pb_grpc.DigitServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "not loaded" in info.value.details()
             kserve = triton_grpc.GRPCInferenceServiceStub(channel)
-            assert not kserve.ServerReady(triton_pb.ServerReadyRequest(), timeout=5).ready
-            assert not kserve.ModelReady(triton_pb.ModelReadyRequest(name=MODEL), timeout=5).ready
+            assert not kserve.ServerReady(triton_pb.ServerReadyRequest(), timeout=10).ready
+            assert not kserve.ModelReady(triton_pb.ModelReadyRequest(name=MODEL), timeout=10).ready
             infer = triton_pb.ModelInferRequest(model_name=MODEL, raw_input_contents=[bytes(784)])
             infer.inputs.add(name="image", datatype="UINT8", shape=[1, 1, 28, 28])
             with pytest.raises(grpc.RpcError) as info:
-                kserve.ModelInfer(infer, timeout=5)
+                kserve.ModelInfer(infer, timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
             watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=60)
             assert next(watch).status == NOT_SERVING
+            assert not any(r.get("event") in ("model_ready", "ready") for r in server.records)  # still loading
+            gates.release("infer")
             assert next(watch).status == SERVING
             server.wait_for("ready")
-            assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == SERVING
 
             server.proc.send_signal(signal.SIGTERM)
             assert next(watch).status == NOT_SERVING
@@ -66,12 +67,12 @@ def test_health_transitions(model_repository, helpers):
         assert code == 0, "server log:\n" + "\n".join(server.lines[-60:])
         assert server.wait_for("stopped")
     finally:
+        gates.release()
         server.kill()
 
 
 def _photo_request() -> tuple[pb.ClassifyRequest, int]:
-    """64 photo-sized JPEGs per request: enough decoding work that several requests are still in flight
-    when SIGTERM arrives."""
+    """64 photo-sized JPEGs per request: decoding is part of every call."""
     canvas = Image.new("L", (400, 400), 255)
     ImageDraw.Draw(canvas).line([(100, 80), (300, 80), (170, 340)], fill=0, width=30)
     buffer = io.BytesIO()
@@ -80,45 +81,38 @@ def _photo_request() -> tuple[pb.ClassifyRequest, int]:
 
 
 @pytest.mark.slow  # its sibling under load runs in the default suite; `make test-slow`
-def test_sigterm_finishes_in_flight_requests_and_exits_0(model_repository, helpers):
-    server = helpers.ServerProcess(model_repository, "--device", "cpu", "--grace-seconds", "30",
-                                   *helpers.SERVER_LIMITS).start()
+def test_sigterm_finishes_in_flight_requests_and_exits_0(model_repository, helpers, gates):
+    server = gates.server(model_repository, "--device", "cpu", "--grace-seconds", "30", "--max-batch-size", "64",
+                          *helpers.SERVER_LIMITS).start()
     try:
         request, n = _photo_request()
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.DigitServiceStub(channel)
-            expected = [r.label for r in stub.Classify(request, timeout=30).results]
-            finished: list[float] = []
-            lock = threading.Lock()
-
-            def record(_future):
-                with lock:
-                    finished.append(time.monotonic())
-
-            futures = []
-            for _ in range(12):
-                future = stub.Classify.future(request, timeout=60)
-                future.add_done_callback(record)
-                futures.append(future)
-            # Every call reaches the server before the signal: sent together, they are taken in well under the
-            # time the first one needs to decode its 64 JPEGs (calls arriving after SIGTERM are refused, by design).
-            deadline = time.monotonic() + 30
-            while not finished and time.monotonic() < deadline:
-                time.sleep(0.005)
-            signalled = time.monotonic()
-            server.proc.send_signal(signal.SIGTERM)
+            expected = [r.label for r in stub.Classify(request, timeout=60).results]
+            # 12 calls held in flight: the first batch waits at the backend, the rest queue behind it (each call is
+            # one batch of 64). Calls arriving after SIGTERM would be refused, by design: wait until all 12 are in.
+            since = len(server.records)
+            with gates.holding("infer"):
+                futures = [stub.Classify.future(request, timeout=120) for _ in range(12)]
+                gates.wait_held(server, "infer", since=since)
+                helpers.wait_until(lambda: helpers.pending(server) == 11, what="11 calls queued behind the held one")
+                server.proc.send_signal(signal.SIGTERM)
+                server.wait_for("stopping", since=since)
+                assert not any(f.done() for f in futures)  # all 12 still in flight at the signal
             results = [f.result() for f in futures]  # raises if any call was lost
             assert all([r.label for r in res.results] == expected for res in results)
             assert len(results) == 12 and all(len(res.results) == n for res in results)
-            assert sum(t > signalled for t in finished) >= 1, "no request was in flight at SIGTERM; make them heavier"
-        assert server.wait_exit(timeout=30) == 0
+        assert server.wait_exit(timeout=60) == 0
         events = [r["event"] for r in server.records]
-        assert events.index("signal") < events.index("stopping") < events.index("stopped")
+        assert events.index("signal") < events.index("stopping") < events.index("drained") < events.index("stopped")
+        drained = server.wait_for("drained")
+        assert drained["drained"] and drained["in_flight"] == 0
         with grpc.insecure_channel(server.address) as channel:
             with pytest.raises(grpc.RpcError) as info:
-                pb_grpc.DigitServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=2)
+                pb_grpc.DigitServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
+        gates.release()
         server.kill()
 
 
@@ -216,65 +210,67 @@ def test_an_unreadable_repository_is_one_line_naming_it(model_repository, helper
     assert len(errors) == 1 and str(repo) in errors[0] and "Permission denied" in errors[0], result.stderr
 
 
-def _large_png_request(images: int = 64, side: int = 1000) -> pb.ClassifyRequest:
-    gray = np.broadcast_to(np.linspace(150, 250, side, dtype=np.float32), (side, side)).astype(np.uint8).copy()
-    gray[side // 4:3 * side // 4, side // 2 - 20:side // 2 + 20] = 10
-    buffer = io.BytesIO()
-    Image.fromarray(gray).save(buffer, "PNG", compress_level=1)
-    return pb.ClassifyRequest(images=[pb.Image(encoded=buffer.getvalue())] * images)
+def _raw_request(images: int = 1) -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(images=[pb.Image(pixels=bytes(784))] * images)
 
 
-def test_a_second_sigterm_cuts_the_grace_period_short(model_repository, helpers):
+def test_a_second_sigterm_cuts_the_grace_period_short(model_repository, helpers, gates):
     """Calls still running when the drain gives up (half the grace) hold gRPC's stop() for the other half; a second
-    signal then ends it at once."""
-    server = helpers.ServerProcess(model_repository, "--backend", "onnx", "--device", "cpu", "--grace-seconds", "4",
-                                   "--max-decode-queue", "64").start()
-    request = _large_png_request()
+    signal then ends it at once. The calls are held at the backend by the test, so they are certainly running."""
+    # The grace period is the feature's own clock: after `drained` the second signal must come within the other half
+    # (2.5 s here), which takes milliseconds; whether it cut the wait short is read from the log, not timed.
+    server = gates.server(model_repository, "--backend", "onnx", "--device", "cpu", "--grace-seconds", "5").start()
     try:
-        with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", -1)]) as channel:
+        with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.DigitServiceStub(channel)
-            futures = [stub.Classify.future(request, timeout=60) for _ in range(8)]  # ~10 s of decoding
-            time.sleep(0.5)
+            since = len(server.records)
+            gates.hold("infer")
+            futures = [stub.Classify.future(_raw_request(), timeout=60) for _ in range(4)]
+            gates.wait_held(server, "infer", since=since)
             server.proc.send_signal(signal.SIGTERM)
-            drained = server.wait_for("drained", timeout=10)
+            drained = server.wait_for("drained", timeout=30)
             assert drained["drained"] is False and drained["in_flight"] > 0
-            second = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
-            assert server.wait_exit(timeout=10) == 0
-            assert time.monotonic() - second < 1.5  # not the ~2 s of grace left
+            assert server.wait_exit(timeout=30) == 0
+            # forced_stop is logged only while gRPC's stop() is still waiting out the grace period for the held
+            # calls; a stop that ran its course would log `stopped` instead.
             assert server.wait_for("forced_stop")["in_flight"] > 0
+            assert "stopped" not in [r.get("event") for r in server.records]
             for future in futures:
                 future.cancel()
     finally:
+        gates.release()
         server.kill()
 
 
-def test_calls_beyond_max_concurrent_rpcs_get_resource_exhausted(model_repository, helpers):
-    server = helpers.ServerProcess(model_repository, "--backend", "onnx", "--device", "cpu",
-                                   "--max-concurrent-rpcs", "2", "--max-decode-queue", "64").start()
-    request = _large_png_request(images=16)
+def test_calls_beyond_max_concurrent_rpcs_get_resource_exhausted(model_repository, helpers, gates):
+    server = gates.server(model_repository, "--backend", "onnx", "--device", "cpu",
+                          "--max-concurrent-rpcs", "2", "--decode-threads", "2").start()
+    encoded = pb.ClassifyRequest(images=[pb.Image(encoded=helpers.png_bytes(np.zeros((28, 28), np.uint8)))])
     try:
-        with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", -1)]) as channel:
+        with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.DigitServiceStub(channel)
-            futures = [stub.Classify.future(request, timeout=60) for _ in range(4)]
-            codes = []
-            for future in futures:
+            since = len(server.records)
+            with gates.holding("decode"):
+                running = [stub.Classify.future(encoded, timeout=60) for _ in range(2)]
+                gates.wait_held(server, "decode", 2, since=since)  # both slots taken, certainly
+                codes = []
+                for _ in range(2):
+                    with pytest.raises(grpc.RpcError) as info:
+                        stub.Classify(_raw_request(), timeout=30)
+                    codes.append(info.value.code())
+                assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+                assert not any(f.done() for f in running)
+            assert all(len(f.result().results) == 1 for f in running)
+
+            def answered() -> bool:  # gRPC frees the slots a moment after the answers went out
                 try:
-                    future.result()
-                    codes.append(grpc.StatusCode.OK)
+                    return len(stub.Classify(_raw_request(), timeout=30).results) == 1
                 except grpc.RpcError as err:
-                    codes.append(err.code())
-            assert codes.count(grpc.StatusCode.OK) >= 2
-            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1, codes
-            small = pb.ClassifyRequest(images=[pb.Image(pixels=bytes(784))])
-            for _ in range(50):  # gRPC frees the slots a moment after the answers went out
-                try:
-                    assert len(stub.Classify(small, timeout=10).results) == 1
-                    break
-                except grpc.RpcError as err:
-                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    time.sleep(0.1)
-            else:
-                raise AssertionError("the server kept refusing after the calls had finished")
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                    return False
+
+            helpers.wait_until(answered, interval=0.05, what="the server kept refusing after the calls had finished")
     finally:
+        gates.release()
         server.stop_cleanly()
