@@ -56,17 +56,24 @@ def resident_bytes() -> int:
         return 0
 
 
-async def trim_when_grown(period: float = 1.0, slack: int = 8 << 20, release=trim, resident=resident_bytes) -> None:
-    """Run until cancelled: every `period` seconds, when the resident set grew more than `slack` bytes since the last
-    look, one malloc_trim in a worker thread. It watches memory rather than calls because gRPC frees what it held
-    for calls that never reach a handler too (a message over --max-message-bytes, read whole before it is refused:
-    eight of 100 MB left 456 MiB resident until trimmed). Idle or steady, it does nothing but read statm."""
+async def trim_when_grown(period: float = 1.0, slack: int = 8 << 20, max_period: float = 32.0, release=trim,
+                          resident=resident_bytes) -> None:
+    """Run until cancelled: every `period` seconds, while the resident set is more than `slack` above the lowest it
+    has been, one malloc_trim in a worker thread. It watches memory rather than calls because gRPC frees what it
+    held for calls that never reach a handler too (a message over --max-message-bytes is read whole before it is
+    refused: eight of 100 MB left 456 MiB resident until trimmed). When a trim gives back little (the memory is in
+    use), the next look waits twice as long, up to `max_period`; growth brings it back to `period`. An idle server
+    at its floor does nothing but read statm."""
     loop = asyncio.get_running_loop()
     floor = resident()
+    wait = period
     while True:
-        await asyncio.sleep(period)
+        await asyncio.sleep(wait)
         now = resident()
-        if now > floor + slack:
-            await loop.run_in_executor(None, release)
-            now = resident()
-        floor = now
+        if now <= floor + slack:
+            floor, wait = min(floor, now), period
+            continue
+        await loop.run_in_executor(None, release)
+        after = resident()
+        floor = min(floor, after)
+        wait = period if now - after >= slack else min(wait * 2, max_period)

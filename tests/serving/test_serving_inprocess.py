@@ -327,3 +327,39 @@ def test_client_cli_marks_rejected_inputs_and_evaluate_counts_them(tmp_path, cap
     rows = json.loads(as_json)
     assert [(r["rejected"], r["known_score"]) for r in rows] == [(True, 0.0), (True, 60.0), (False, 200.0)]
     assert "rejected as not a digit 50.00% (2/4)" in evaluated
+
+
+def test_a_refused_request_leaves_no_reference_cycle_holding_it(tmp_path):
+    """The boundary used to keep the caught exception in a local: exception → traceback → frames (holding the request
+    and the images it opened) → the exception. Only the cyclic GC freed them, so a flood of refused requests held
+    hundreds of MiB (issue 20). Now nothing of a refused request is left for the GC to find."""
+    import gc
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (4096, 4096), 255).save(buffer, "PNG")  # five of them: over the request's 64 Mpx budget
+    over_budget = pb.ClassifyRequest(images=[pb.Image(encoded=buffer.getvalue())] * 5)
+
+    async def scenario(app):
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await pb_grpc.DigitServiceStub(channel).Classify(over_budget, timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    gc.collect()
+    gc.disable()
+    try:
+        _run(tmp_path, scenario)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        # grpc.aio's own AbortError ↔ frames cycle remains (its frames include the boundary's, with nothing held)
+        left = [o for o in gc.garbage if isinstance(o, (LimitExceeded, Image.Image, pb.ClassifyRequest))
+                or (type(o).__name__ == "frame" and "/serving/" in o.f_code.co_filename
+                    and any(o.f_locals.get(name) is not None for name in ("request", "error", "exc")))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == [], left[:5]

@@ -23,11 +23,11 @@ class _Done(Exception):
     pass
 
 
-def test_a_trim_follows_growth_only():
-    """Readings in the order trim_when_grown takes them: the floor at start, one per period, and one more right
-    after each trim; growth within `slack` of the previous reading is left alone."""
-    readings = [100, 100, 105, 200, 120, 121, 400, 130, 131]
+def _run(readings: list[int], **kwargs) -> tuple[list[int], list[float]]:
+    """trim_when_grown over scripted resident-set readings (the floor at start, one per look, one more right after
+    each trim); returns the readings that led to a trim and the waits between looks."""
     trims: list[int] = []
+    waits: list[float] = []
 
     def resident() -> int:
         if not readings:
@@ -39,6 +39,30 @@ def test_a_trim_follows_growth_only():
         trims.append(resident.last)
         return True
 
-    with pytest.raises(_Done):
-        asyncio.run(malloc.trim_when_grown(period=0, slack=50, release=release, resident=resident))
-    assert trims == [200, 400]
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds):
+        waits.append(seconds)
+        await real_sleep(0)
+
+    asyncio.sleep = sleep
+    try:
+        with pytest.raises(_Done):
+            asyncio.run(malloc.trim_when_grown(release=release, resident=resident, **kwargs))
+    finally:
+        asyncio.sleep = real_sleep
+    return trims, waits
+
+
+def test_a_trim_follows_growth_and_repeats_until_the_floor_is_back():
+    # floor 100; 105 is within the slack; 200 → trimmed to 160 (still above): trimmed again at 160 → 100.
+    trims, waits = _run([100, 105, 200, 160, 160, 100, 101], period=1, slack=50)
+    assert trims == [200, 160]
+    assert waits == [1, 1, 2, 1, 1]  # 200 → 160 gave back less than the slack: the next look waits longer
+
+
+def test_memory_in_use_backs_the_trims_off():
+    # 300 stays 300 after each trim (live memory): the looks space out 1 → 2 → 4, and growth resets them.
+    trims, waits = _run([100, 300, 300, 300, 300, 300, 300, 500, 200], period=1, slack=50, max_period=4)
+    assert trims == [300, 300, 300, 500]
+    assert waits == [1, 2, 4, 4, 1]
