@@ -322,8 +322,12 @@ async def _drain_and_stop(args: argparse.Namespace, app: _App, shutdown: "_Shutd
     stopping = asyncio.ensure_future(app.server.stop(grace))
     if not shutdown.forced.is_set():
         await _until(asyncio.shield(stopping), shutdown.forced)
-    await asyncio.wait([stopping], timeout=0 if shutdown.forced.is_set() and grace else None)
-    if not stopping.done():  # a second signal while gRPC waits out the grace period: leave now
+    # A second signal while gRPC waits out the grace period, or during the drain with calls still in flight: leave
+    # now (gRPC's stop and releasing the models would wait for a backend call that may never return).
+    forced_with_calls = shutdown.forced.is_set() and app.drain.in_flight > 0
+    if not forced_with_calls:
+        await asyncio.wait([stopping], timeout=0 if shutdown.forced.is_set() and grace else None)
+    if forced_with_calls or not stopping.done():
         log_event(logger, logging.WARNING, "forced_stop", in_flight=app.drain.in_flight,
                   hint="a second signal cut the grace period short; calls still in flight were abandoned")
         _exit_now(0)

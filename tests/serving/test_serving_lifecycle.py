@@ -243,6 +243,27 @@ def test_a_second_sigterm_cuts_the_grace_period_short(model_repository, helpers,
         server.kill()
 
 
+def test_a_second_sigterm_during_the_drain_leaves_a_stuck_backend_call_behind(model_repository, helpers, gates):
+    """A backend call that never returns (held at the gate for the whole test) must not keep a server that was told
+    twice to stop: the second signal during the drain exits 0 at once instead of waiting to release the model."""
+    server = gates.server(model_repository, "--backend", "onnx", "--device", "cpu", "--grace-seconds", "600").start()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            since = len(server.records)
+            gates.hold("infer")
+            future = pb_grpc.DigitServiceStub(channel).Classify.future(_raw_request(), timeout=600)
+            gates.wait_held(server, "infer", since=since)
+            server.proc.send_signal(signal.SIGTERM)
+            server.wait_for("stopping")
+            server.proc.send_signal(signal.SIGTERM)  # the drain has 300 s to go; the call is still held
+            assert server.wait_exit(timeout=60) == 0
+            assert server.wait_for("forced_stop")["in_flight"] == 1
+            future.cancel()
+    finally:
+        gates.release()
+        server.kill()
+
+
 def test_calls_beyond_max_concurrent_rpcs_get_resource_exhausted(model_repository, helpers, gates):
     server = gates.server(model_repository, "--backend", "onnx", "--device", "cpu",
                           "--max-concurrent-rpcs", "2", "--decode-threads", "2").start()
