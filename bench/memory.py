@@ -2,7 +2,7 @@
 honest huge images, and a flood of requests it refuses. One server (subprocess), the scenarios in turn.
 
     python -m bench.memory --model-repository REPO [--scenarios idle,steady,webp,png,flood] [--steady-requests 20000]
-        [--flood-seconds 15] [--json out.json] [-- extra server flags]
+        [--flood-seconds 15] [--json out.json] [--server-cwd OTHER_CHECKOUT] [-- extra server flags]
 
 Per scenario: the server's RSS before, its peak while the scenario runs (VmHWM, reset through
 /proc/PID/clear_refs before each one, and VmRSS sampled every 5 ms where that reset is not allowed), the RSS a few
@@ -248,6 +248,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--flood-seconds", type=float, default=15.0)
     p.add_argument("--settle-seconds", type=float, default=3.0, help="wait before reading the RSS after a scenario")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--server-cwd", default=None,
+                   help="run the server from another checkout (e.g. a git worktree of an older commit: before/after)")
     p.add_argument("server_flags", nargs=argparse.REMAINDER, help="after --: extra flags for python -m serving")
     return p
 
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         get_args_parser().error(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
     flags = [f for f in args.server_flags if f != "--"] or ["--backend", "onnx"]
     rows = []
-    with ServerProcess(args.model_repository, *flags, log_level="info").start() as server:
+    where = {"cwd": args.server_cwd} if args.server_cwd else {}
+    with ServerProcess(Path(args.model_repository).resolve(), *flags, log_level="info", **where).start() as server:
         memory = Memory(server.proc.pid)
         time.sleep(1)
         for name in args.scenarios:
