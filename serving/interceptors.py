@@ -17,14 +17,14 @@ per method, so the per-call cost is a dict lookup, a clock read and a few intege
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import time
 
 import grpc
 
-from serving.errors import NotReady, Overloaded, ServingError, Unauthenticated, status_for
+from serving.core.boundary import Drain, record
+from serving.errors import NotReady, Unauthenticated, status_for
 from serving.logs import log_event
 from serving.metrics import charged
 from serving.security import TokenAuth
@@ -43,17 +43,6 @@ def _count_images(request) -> int | None:
     return int(inputs[0].shape[0]) if inputs and len(inputs[0].shape) else None
 
 
-def _failure_reason(exc: BaseException | None, code: grpc.StatusCode) -> str:
-    """Triton's failure reasons: REJECTED (queue full), CANCELED, BACKEND (the model failed), OTHER."""
-    if isinstance(exc, Overloaded):
-        return "REJECTED"
-    if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return "CANCELED"
-    if exc is not None and not isinstance(exc, ServingError) and isinstance(exc, Exception):
-        return "BACKEND"
-    return "OTHER"
-
-
 def _handler_factory(handler: grpc.RpcMethodHandler):
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler
@@ -62,41 +51,6 @@ def _handler_factory(handler: grpc.RpcMethodHandler):
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler
     return grpc.stream_stream_rpc_method_handler
-
-
-class Drain:
-    """Calls in flight, and the switch that makes new calls answer UNAVAILABLE while the server shuts down.
-
-    A call counts from its arrival until gRPC has sent its status (the context's done callback), not until its
-    handler returns: a client that just got its answer is likely to send its next call at once, and that call
-    must find the server still taking calls (answered UNAVAILABLE "shutting down") rather than a stopped one
-    (where gRPC cancels it before any handler sees it). So the quiet window runs from the last arrival *and*
-    the last answer."""
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.last_event_ns = 0  # the latest arrival or completed answer
-        self.draining = False
-
-    def arrived(self) -> int:
-        now = self.last_event_ns = time.perf_counter_ns()
-        self.in_flight += 1
-        return now
-
-    def answered(self, _context=None) -> None:
-        """The call's status has been sent (or the call was cancelled): it no longer counts."""
-        self.in_flight -= 1
-        self.last_event_ns = time.perf_counter_ns()
-
-    async def wait(self, quiet: float, timeout: float) -> bool:
-        """After `draining` is set: wait until no call is in flight and no call arrived or was answered for
-        `quiet` seconds (clients have noticed), at most `timeout` seconds; True when drained."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.in_flight and time.perf_counter_ns() - self.last_event_ns >= quiet * 1e9:
-                return True
-            await asyncio.sleep(min(0.01, quiet))
-        return False
 
 
 class BoundaryInterceptor(grpc.aio.ServerInterceptor):
@@ -170,9 +124,9 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
                     logger.exception("unhandled exception in %s", method, extra={"fields": {"method": method}})
             finally:  # accounted before the answer leaves, so a client that got it sees it in the metrics
                 elapsed = time.perf_counter_ns() - start
-                stats = charged()  # the model the servicer charged this call to (inference calls only)
-                if stats is not None:
-                    stats.record_request(None if code == grpc.StatusCode.OK else _failure_reason(error, code), elapsed)
+                # on the model the core charged this call to (inference calls only)
+                record(charged(), code == grpc.StatusCode.OK, error, elapsed,
+                       cancelled=code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED))
                 if logger.isEnabledFor(logging.DEBUG):
                     log_event(logger, logging.DEBUG, "rpc", method=method, code=code.name,
                               images=_count_images(request), ms=round(elapsed / 1e6, 3), peer=context.peer())

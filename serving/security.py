@@ -65,6 +65,16 @@ class TlsConfig:
             raise UsageError("--tls-cert and --tls-key go together")
         return cls(cert, key, client_ca)
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same files as an ssl context (HTTP transport, metrics endpoint); client certificates required under
+        mutual TLS. Call server_credentials() first for its clear errors."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca:
+            context.load_verify_locations(cafile=self.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
     def server_credentials(self) -> grpc.ServerCredentials:
         """Read and check the files (a certificate chain and its own private key, a CA) → gRPC credentials."""
         chain, key = _pem(self.cert, "TLS certificate"), _pem(self.key, "TLS private key")
@@ -107,6 +117,10 @@ class TokenAuth:
     @staticmethod
     def public(method: str) -> bool:
         return method.startswith(PUBLIC_METHOD_PREFIXES)
+
+    def check_header(self, authorization: str | None) -> bool:
+        """An HTTP `Authorization` header (None when absent): `Bearer <token>`, compared in constant time."""
+        return authorization is not None and self.check([("authorization", authorization)])
 
     def check(self, metadata) -> bool:
         """metadata: the call's invocation metadata, a sequence of (key, value) pairs (keys lowercase)."""

@@ -58,6 +58,7 @@ from serving.repository import Manifest, ModelEntry, read_manifest, verify_sha25
 from serving.runner import ModelRunner
 from serving.options import get_args_parser
 from serving.security import TlsConfig, TokenAuth, read_token
+from serving.core.inference import InferenceCore
 from serving.servicer import SERVICE_NAME, DigitServicer, Limits
 
 __all__ = ["get_args_parser", "main", "serve"]
@@ -214,6 +215,7 @@ class _App:
     decoder: Decoder
     stats: dict
     runners: dict  # filled as each model is loaded and warm; read by both APIs
+    core: InferenceCore
     address: str = ""
     metrics: MetricsServer | None = None
 
@@ -233,15 +235,14 @@ def _build(args: argparse.Namespace, plan: _Plan) -> _App:
                       args.max_decode_memory_mb << 20)
     runners: dict[str, ModelRunner] = {}
     health = HealthServicer([SERVICE_NAME, KSERVE_SERVICE_NAME])
-    pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(runners, plan.typed_model.name, plan.limits, decoder),
-                                               server)
-    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(runners, plan.served, plan.manifest, plan.limits.max_images_per_request, plan.configs), server)
+    core = InferenceCore(runners, plan.typed_model.name, plan.served, plan.manifest, plan.limits, decoder)
+    pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(core), server)
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(core, plan.configs), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, KSERVE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    return _App(server=server, health=health, drain=drain, decoder=decoder, stats=stats, runners=runners)
+    return _App(server=server, health=health, drain=drain, decoder=decoder, stats=stats, runners=runners, core=core)
 
 
 async def _listen(args: argparse.Namespace, plan: _Plan, app: _App) -> None:
@@ -314,6 +315,7 @@ async def _drain_and_stop(args: argparse.Namespace, app: _App, shutdown: "_Shutd
     started = time.monotonic()
     await app.health.enter_graceful_shutdown()
     app.drain.draining = True
+    app.core.draining = True
     quiet = min(DRAIN_QUIET_S, args.grace_seconds / 4)
     drained = await _until(app.drain.wait(quiet, args.grace_seconds / 2), shutdown.forced)
     log_event(logger, logging.INFO, "drained", drained=bool(drained), in_flight=app.drain.in_flight,

@@ -20,6 +20,7 @@ from bench.tiny_repo import tiny_repo
 from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
 from serving.batching import BatchingConfig
+from serving.core.inference import InferenceCore
 from serving.decode_queue import Decoder
 from serving.errors import (DeadlineExceeded, ImageError, InvalidInput, LimitExceeded, NotFound, NotReady, Overloaded,
                             Unauthenticated, status_for)
@@ -94,7 +95,8 @@ async def _serve(tmp_path, scenario, *, token: str | None = None, fail: bool = F
     drain = Drain()
     server = grpc.aio.server(interceptors=[BoundaryInterceptor(TokenAuth(token) if token else None, drain)])
     decoder = Decoder(threads=1)
-    pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(runners, entry.name, limits, decoder), server)
+    core = InferenceCore(runners, entry.name, [entry], manifest, limits, decoder)
+    pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(core), server)
     health = HealthServicer([SERVICE_NAME])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     port = server.add_insecure_port("127.0.0.1:0")
