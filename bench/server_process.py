@@ -36,7 +36,7 @@ class ServerProcess:
     def __init__(self, repository: Path | str, *args: str, log_path: Path | str | None = None,
                  python: str = sys.executable, log_level: str = "debug", cwd: Path | str = PROJECT_ROOT,
                  env: dict[str, str] | None = None, entry: Sequence[str] = ("-m", "serving")) -> None:
-        defaults = {"--port": "0", "--metrics-port": "0", "--log-level": log_level}
+        defaults = {"--port": "0", "--metrics-port": "0", "--http-port": "0", "--log-level": log_level}
         given = set(args)
         cmd = [python, *entry, "--model-repository", str(repository), "--log-format", "json", *args]
         for flag, value in defaults.items():

@@ -45,6 +45,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when a GPU is present, else CPU")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (see the `listening` log line)")
+    p.add_argument("--http-port", type=_positive(int, maximum=65535, minimum=-1), default=8000,
+                   help="HTTP/REST port (KServe v2 REST, the typed API as JSON, the page at /; see docs/http_api.md) "
+                        "on --host, with the same TLS and token; 0 picks a free port (the `listening` log line says "
+                        "which), -1 turns HTTP off")
+    p.add_argument("--http-cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browsers on this origin (e.g. https://app.example.com) to call the HTTP API; "
+                        "repeatable; none: no cross-origin access")
+    p.add_argument("--http-body-timeout", type=float, default=30.0,
+                   help="seconds an HTTP request body may take to arrive; slower ones get 408")
     p.add_argument("--max-images-per-request", type=_positive(int), default=limits.max_images_per_request,
                    help="more images in one request → RESOURCE_EXHAUSTED")
     p.add_argument("--max-message-bytes", type=_positive(int, 2**31 - 1), default=limits.max_message_bytes,

@@ -59,6 +59,7 @@ from serving.runner import ModelRunner
 from serving.options import get_args_parser
 from serving.security import TlsConfig, TokenAuth, read_token
 from serving.core.inference import InferenceCore
+from serving.http.app import HttpOptions, HttpServer
 from serving.servicer import SERVICE_NAME, DigitServicer, Limits
 
 __all__ = ["get_args_parser", "main", "serve"]
@@ -216,6 +217,7 @@ class _App:
     stats: dict
     runners: dict  # filled as each model is loaded and warm; read by both APIs
     core: InferenceCore
+    http: HttpServer | None = None
     address: str = ""
     metrics: MetricsServer | None = None
 
@@ -236,13 +238,20 @@ def _build(args: argparse.Namespace, plan: _Plan) -> _App:
     runners: dict[str, ModelRunner] = {}
     health = HealthServicer([SERVICE_NAME, KSERVE_SERVICE_NAME])
     core = InferenceCore(runners, plan.typed_model.name, plan.served, plan.manifest, plan.limits, decoder)
+    http = None
+    if args.http_port >= 0:
+        http = HttpServer(core, drain, TokenAuth(plan.token) if plan.token else None,
+                          HttpOptions(max_body_bytes=args.max_message_bytes, max_concurrent=args.max_concurrent_rpcs,
+                                      body_timeout=args.http_body_timeout,
+                                      cors_origins=tuple(args.http_cors_origin)), plan.configs)
     pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(core), server)
     kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(core, plan.configs), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, KSERVE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    return _App(server=server, health=health, drain=drain, decoder=decoder, stats=stats, runners=runners, core=core)
+    return _App(server=server, health=health, drain=drain, decoder=decoder, stats=stats, runners=runners, core=core,
+                http=http)
 
 
 async def _listen(args: argparse.Namespace, plan: _Plan, app: _App) -> None:
@@ -259,12 +268,22 @@ async def _listen(args: argparse.Namespace, plan: _Plan, app: _App) -> None:
             await app.server.stop(None)
             app.decoder.close()
             raise
+    if app.http is not None:
+        try:
+            await app.http.start(args.host, args.http_port, plan.tls.ssl_context() if plan.tls else None)
+        except StartupError:
+            await app.server.stop(None)
+            app.decoder.close()
+            if app.metrics is not None:
+                app.metrics.close()
+            raise
     await app.server.start()
     if plan.token and not plan.tls and not _loopback(args.host):
         log_event(logger, logging.WARNING, "token_without_tls", host=args.host,
                   hint="the bearer token crosses the network in clear text; add --tls-cert/--tls-key")
     log_event(logger, logging.INFO, "listening", address=app.address, port=int(app.address.rsplit(":", 1)[1]),
               pid=os.getpid(), models=[e.name for e in plan.served], health="NOT_SERVING",
+              http_port=app.http.port if app.http else None,
               metrics_port=app.metrics.port if app.metrics else None, tls=plan.tls is not None,
               mutual_tls=bool(plan.tls and plan.tls.client_ca), auth=plan.token is not None)
 
@@ -304,7 +323,8 @@ def _log_ready(args: argparse.Namespace, plan: _Plan, app: _App) -> None:
               max_message_bytes=plan.limits.max_message_bytes, dynamic_batching=args.dynamic_batching,
               max_batch_size={name: b.max_batch_size for name, b in plan.batching.items()},
               max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
-              intra_op_threads=args.intra_op_threads, metrics_port=app.metrics.port if app.metrics else None)
+              intra_op_threads=args.intra_op_threads, metrics_port=app.metrics.port if app.metrics else None,
+              http_port=app.http.port if app.http else None)
 
 
 async def _drain_and_stop(args: argparse.Namespace, app: _App, shutdown: "_Shutdown",
@@ -334,6 +354,8 @@ async def _drain_and_stop(args: argparse.Namespace, app: _App, shutdown: "_Shutd
                   hint="a second signal cut the grace period short; calls still in flight were abandoned")
         _exit_now(0)
     shutdown.close()
+    if app.http is not None:
+        await app.http.stop()
     app.decoder.close()
     if loading is not None and not loading.done():
         late, _ = await loading  # a signal arrived while loading: let the thread finish, then release

@@ -59,7 +59,7 @@ def test_without_torch_the_torchscript_model_is_skipped_and_onnx_serves(model_re
 def test_without_torch_asking_for_torchscript_is_refused_by_name(model_repository, helpers, tmp_path):
     env = {**os.environ, **_without_torch(tmp_path)}
     result = subprocess.run([sys.executable, "-m", "serving", "--model-repository", str(model_repository),
-                             "--backend", "torchscript", "--port", "0", "--metrics-port", "-1"],
+                             "--backend", "torchscript", "--port", "0", "--metrics-port", "-1", "--http-port", "-1"],
                             cwd=helpers.PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

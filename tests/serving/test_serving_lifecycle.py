@@ -117,7 +117,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model_repository, helpe
 
 
 def _run_server(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving", "--port", "0", "--metrics-port", "0", "--log-format", "text",
+    return subprocess.run([sys.executable, "-m", "serving", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+                           "--log-format", "text",
                            *args],
                           cwd=cwd, capture_output=True, text=True, timeout=60)
 
@@ -174,7 +175,7 @@ def test_bad_batching_and_metrics_flags_are_refused(model_repository, helpers):
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run([sys.executable, "-m", "serving", "--model-repository", str(model_repository),
-                                 "--backend", "onnx", "--device", "cpu", "--port", "0", "--metrics-port", str(port),
+                                 "--backend", "onnx", "--device", "cpu", "--port", "0", "--metrics-port", str(port), "--http-port", "0",
                                  "--log-format", "text"], cwd=helpers.PROJECT_ROOT, capture_output=True, text=True,
                                 timeout=60)
     assert result.returncode == 1 and "cannot bind the metrics endpoint" in result.stderr
@@ -191,7 +192,7 @@ def test_an_unreadable_repository_is_one_line_naming_it(model_repository, helper
         parent.chmod(0o755)
         repo = parent / "repo"
         shutil.copytree(model_repository, repo)
-        command = [sys.executable, "-m", "serving", "--model-repository", str(repo), "--port", "0",
+        command = [sys.executable, "-m", "serving", "--model-repository", str(repo), "--port", "0", "--http-port", "0",
                    "--metrics-port", "-1", "--log-format", "text"]
         if os.geteuid() == 0:  # root reads anything: hand the folder to another owner and drop root's override
             if shutil.which("setpriv") is None:

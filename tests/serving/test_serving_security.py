@@ -224,7 +224,7 @@ def test_bad_security_flags_stop_the_server_at_startup(model_repository, helpers
     args = [f.format(**vars(pki)) for f in flags]
     result = subprocess.run([sys.executable, "-m", "serving", "--model-repository", str(model_repository),
                              "--backend", "onnx", "--device", "cpu", "--port", "0", "--metrics-port", "-1",
-                             "--log-format", "text", *args],
+                             "--http-port", "0", "--log-format", "text", *args],
                             cwd=helpers.PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     usage = message in ("--tls-cert and --tls-key go together", "--tls-client-ca needs --tls-cert and --tls-key",
                         "not both")  # flags that cannot work together: 2, as argparse; unusable files: 1
