@@ -7,7 +7,7 @@
 #       -t lsoftmax-serve:torchscript .                         # + PyTorch: TorchScript models too (CPU or CUDA)
 #   docker build --target train-cuda -t lsoftmax-train .        # training + export, CUDA via PyPI's torch
 # Run the server with a model repository mounted at /models:
-#   docker run -p 50051:50051 -p 8002:8002 -v "$PWD/model_repository:/models:ro" lsoftmax-serve
+#   docker run -p 50051:50051 -p 8000:8000 -p 8002:8002 -v "$PWD/model_repository:/models:ro" lsoftmax-serve
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -29,12 +29,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001
-# 50051: gRPC (lsoftmax.v1, KServe v2, health, reflection); 8002: Prometheus metrics.
-EXPOSE 50051 8002
+# 50051: gRPC (lsoftmax.v1, KServe v2, health, reflection); 8000: HTTP (KServe v2 REST, the typed API, the page);
+# 8002: Prometheus metrics.
+EXPOSE 50051 8000 8002
 # Healthy once grpc.health.v1 reports SERVING (model loaded and warmed up).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-m", "serving.client.probe", "--address", "127.0.0.1:50051"]
-ENTRYPOINT ["python", "-m", "serving", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "8002", "--model-repository", "/models"]
+ENTRYPOINT ["python", "-m", "serving", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000", "--metrics-port", "8002", "--model-repository", "/models"]
 
 # ---- training on CUDA: the whole project, torch's CUDA build from PyPI ---------------------
 FROM ${PYTHON_IMAGE} AS train-cuda

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install.stamp
 OUT ?= runs/demo
 
-.PHONY: install test test-all test-slow demo data protos gpu-wheels clean
+.PHONY: install test test-all test-slow demo serve data protos gpu-wheels clean
 
 install: $(STAMP)
 
@@ -36,6 +36,13 @@ protos: install
 # The whole pipeline: data -> train (fast, m=4) -> export -> serve -> classify 10k digits -> embed -> plot.
 demo: install
 	$(PY) scripts/demo.py --out $(OUT)
+
+# Serve the `make demo` model: gRPC on 50051, HTTP and the page on HTTP_PORT (Ctrl-C stops).
+HTTP_PORT ?= 8000
+serve: install
+	@test -f $(OUT)/model_repository/manifest.json || { echo "no model in $(OUT)/model_repository: run 'make demo' first"; exit 1; }
+	@echo "open http://127.0.0.1:$(HTTP_PORT)/ to draw a digit (API: docs/http_api.md; Ctrl-C stops)"
+	$(PY) -m serving --model-repository $(OUT)/model_repository --backend onnx --http-port $(HTTP_PORT) --log-format text
 
 # Wheels the GPU machine lacks (it has its own Python 3.12 + torch), carried as .whl/ for bench/gpu.sh.
 GPU_WHEELS := grpcio==1.81.2 protobuf==6.33.6 grpcio-health-checking==1.81.1 grpcio-reflection==1.81.1 \

@@ -60,7 +60,7 @@ def test_serving_image_is_slim_and_non_root():
     users = [r for w, r in serving if w == "USER"]
     assert users and users[-1] not in ("root", "0")
     exposed = " ".join(r for w, r in serving if w == "EXPOSE").split()
-    assert {"50051", "8002"} <= set(exposed)
+    assert {"50051", "8000", "8002"} <= set(exposed)
     assert any(w == "HEALTHCHECK" for w, _ in serving)
 
 
@@ -139,7 +139,10 @@ def test_kubernetes_example():
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"] == 50051
+    assert ports["grpc"] == 50051 and ports["http"] == 8000
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/v2/health/ready" and probe["port"] == "http"
+    assert container["livenessProbe"]["grpc"]["port"] == ports["grpc"]
     entry = _exec_form(next(r for s, w, r in INSTRUCTIONS if s == "serving" and w == "ENTRYPOINT"))
     result = parse_only(entry[2:] + container["args"])
     assert result.returncode == 0, result.stderr
@@ -149,6 +152,21 @@ def test_kubernetes_example():
 @pytest.mark.parametrize("pattern", [".venv/", "data/", "runs/", "model_repository/", "*.pt", "*.onnx", "*.npy"])
 def test_gitignore_keeps_artefacts_out(pattern):
     assert pattern in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_kserve_inference_service():
+    """A custom predictor: HTTP on the container's first port (8080), readiness over KServe v2 REST, flags the
+    server accepts."""
+    (service,) = list(yaml.safe_load_all((ROOT / "deploy" / "kserve.yaml").read_text()))
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1" and service["kind"] == "InferenceService"
+    (container,) = service["spec"]["predictor"]["containers"]
+    assert container["command"] == ["python", "-m", "serving"]
+    args = container["args"]
+    port = container["ports"][0]["containerPort"]
+    assert args[args.index("--http-port") + 1] == str(port) == "8080"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
+    result = parse_only(container["command"][2:] + args)
+    assert result.returncode == 0, result.stderr
 
 
 def test_ci_runs_make_test():

@@ -101,7 +101,7 @@ def live_server(tmp_path_factory, tiny_checkpoint):
     from bench.server_process import ServerProcess
 
     with ServerProcess(repo, "--log-level", "info").start() as server:
-        yield server.port
+        yield server.port, server.wait_for("listening")["http_port"]
 
 
 def test_readme_python_examples_run(live_server, tmp_path):
@@ -110,7 +110,31 @@ def test_readme_python_examples_run(live_server, tmp_path):
 
     Image.fromarray(synthetic_digits(1)[0][0]).save(tmp_path / "digit.png")
     for block in _blocks("python"):
-        code = block.replace("127.0.0.1:50051", f"127.0.0.1:{live_server}")
+        grpc_port, http_port = live_server
+        code = block.replace("127.0.0.1:50051", f"127.0.0.1:{grpc_port}").replace("127.0.0.1:8000",
+                                                                                 f"127.0.0.1:{http_port}")
         result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0, f"README example failed:\n{block}\n{result.stderr[-2000:]}"
+
+
+def test_readme_curl_examples_answer_2xx(live_server, tmp_path):
+    """Every curl line of the README, against a live server (curl -f: any 4xx/5xx fails it)."""
+    import shutil
+
+    from PIL import Image
+    from support import synthetic_digits
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    digits = synthetic_digits(2)[0]
+    for name, image in (("digit.png", digits[0]), ("a.png", digits[0]), ("b.jpg", digits[1])):
+        Image.fromarray(image).save(tmp_path / name)
+    _, http_port = live_server
+    lines = [line.split("  #")[0].strip() for block in _blocks("bash") for line in block.splitlines()
+             if line.strip().startswith("curl ")]
+    assert len(lines) >= 12
+    for line in lines:
+        command = line.replace("127.0.0.1:8000", f"127.0.0.1:{http_port}") + " -f -o /dev/null"
+        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{line}\n{result.stderr[-1000:]}"
