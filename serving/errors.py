@@ -1,17 +1,14 @@
-"""The serving error types and the one table that maps them to gRPC status codes.
+"""The serving error types: protocol-neutral (no gRPC, no HTTP), each a kind of failure the core can report.
 
-Code below the servicers raises these (never grpc calls), so backends, image decoding and the repository
-reader stay independent of gRPC; `status_for(exc)` is the only place an exception becomes a status.
-Imported by serving.interceptors (the RPC boundary) and serving.server (startup errors).
+The core, backends, image decoding and the repository reader raise these; each transport has the one table that
+turns them into its statuses: serving.grpc_status (gRPC codes) and serving/http/errors.py (HTTP statuses).
 """
 
 from __future__ import annotations
 
-import grpc
-
 __all__ = [
     "ServingError", "InvalidInput", "ImageError", "LimitExceeded", "NotFound", "NotReady", "Overloaded",
-    "Unauthenticated", "DeadlineExceeded", "StartupError", "UsageError", "status_for",
+    "Unauthenticated", "DeadlineExceeded", "StartupError", "UsageError",
 ]
 
 
@@ -63,22 +60,3 @@ class StartupError(ServingError):
 
 class UsageError(StartupError):
     """Flags that cannot work together (--tls-cert without --tls-key, ...); exits 2, as argparse does."""
-
-
-_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (NotReady, grpc.StatusCode.UNAVAILABLE),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-)
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """(status code, details) for an exception raised while handling an RPC. Anything not listed is a
-    server bug: INTERNAL with the exception type only (the traceback goes to the log, not to the caller)."""
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"

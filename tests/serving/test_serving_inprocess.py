@@ -23,7 +23,8 @@ from serving.batching import BatchingConfig
 from serving.core.inference import InferenceCore
 from serving.decode_queue import Decoder
 from serving.errors import (DeadlineExceeded, ImageError, InvalidInput, LimitExceeded, NotFound, NotReady, Overloaded,
-                            Unauthenticated, status_for)
+                            Unauthenticated)
+from serving.grpc_status import status_for
 from serving.health import SERVING, HealthServicer
 from serving.interceptors import BoundaryInterceptor, Drain
 from serving.metrics import ModelStats
@@ -365,3 +366,15 @@ def test_a_refused_request_leaves_no_reference_cycle_holding_it(tmp_path):
         gc.garbage.clear()
         gc.enable()
     assert left == [], left[:5]
+
+
+def test_the_core_is_protocol_neutral():
+    """The core, its boundary and the error types import neither gRPC nor protobuf (each transport adapts them)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, serving.core.inference, serving.core.boundary, serving.errors; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'aiohttp') "
+            "or m.startswith('google.protobuf')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
