@@ -17,6 +17,7 @@ from aiohttp import web
 from serving.core.inference import InferenceCore
 from serving.errors import InvalidInput
 from serving.http.bodies import read_body
+from serving.http.errors import error_response
 from serving.kserve import runner_config, server_metadata
 from serving.repository_format import OUTPUT_DATATYPE
 
@@ -31,9 +32,10 @@ def _json(data, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-def _status(ok: bool) -> web.Response:
-    """KServe health and readiness: the status is the answer (200 true; here 503 false, as a probe expects)."""
-    return web.Response(status=200 if ok else 503)
+def _status(ok: bool, why: str = "not ready") -> web.Response:
+    """KServe health and readiness: the status is the answer (200 true; 503 false, as a probe expects, with the
+    usual error body)."""
+    return web.Response(status=200) if ok else error_response(503, why)
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -55,6 +57,14 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     if not isinstance(request, dict):
         raise InvalidInput("the inference request must be a JSON object")
     return request, binary
+
+
+def _parameters(holder: dict, what: str) -> dict:
+    """`parameters` of the request, an input or an output: absent, or a JSON object."""
+    parameters = holder.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"{what}: 'parameters' must be a JSON object")
+    return parameters
 
 
 def _flatten(data) -> np.ndarray:
@@ -79,7 +89,8 @@ class KServeRest:
         return _status(True)
 
     async def ready(self, request: web.Request) -> web.Response:
-        return _status(self.core.server_ready())
+        return _status(self.core.server_ready(), "shutting down" if self.core.draining else
+                       "the models are still loading")
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return _json(server_metadata())
@@ -93,9 +104,10 @@ class KServeRest:
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = request.match_info["model"], request.match_info.get("version", "")
-        if name not in self.core.served:
+        if name not in self.core.served or (version and name in self.core.runners
+                                            and version != self.core.runners[name].version):
             self.core.runner(name, version)  # NotFound, in Triton's words
-        return _status(self.core.model_ready(name, version))
+        return _status(self.core.model_ready(name, version), f"model '{name}' is not ready")
 
     async def model_config(self, request: web.Request) -> web.Response:
         from google.protobuf import json_format
@@ -118,9 +130,8 @@ class KServeRest:
             raise InvalidInput("'outputs' must be a list of objects with a 'name'")
         wanted = self.core.wanted_outputs(runner, [o["name"] for o in requested])
         arrays = await self.core.infer_tensors(runner, images, wanted)
-        parameters = infer.get("parameters") if isinstance(infer.get("parameters"), dict) else {}
-        binary_all = bool(parameters.get("binary_data_output", False))
-        per_output = {o["name"]: (o.get("parameters") or {}).get("binary_data") for o in requested}
+        binary_all = bool(_parameters(infer, "the request").get("binary_data_output", False))
+        per_output = {o["name"]: _parameters(o, f"output '{o['name']}'").get("binary_data") for o in requested}
         outputs, tails = [], []
         for name, array in arrays:
             entry = {"name": name, "datatype": OUTPUT_DATATYPE, "shape": list(array.shape)}
@@ -153,8 +164,7 @@ class KServeRest:
             raise InvalidInput("the input needs a 'name' and a 'datatype'")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidInput(f"input '{name}': 'shape' must be a list of integers")
-        size = (tensor.get("parameters") or {}).get("binary_data_size") \
-            if isinstance(tensor.get("parameters"), dict) else None
+        size = _parameters(tensor, f"input '{name}'").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0:
                 raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")

@@ -50,9 +50,12 @@ def _choice(query, name: str, table: dict[str, int]) -> int:
 def _top_k(query) -> int:
     text = query.get("top_k", "1")
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise InvalidInput(f"query parameter top_k={text!r} is not a whole number") from None
+        value = 0
+    if value < 1:
+        raise InvalidInput(f"query parameter top_k={text!r}: give a whole number from 1 to the number of classes")
+    return value
 
 
 class TypedRest:

@@ -9,6 +9,7 @@ Run: .venv/bin/python -m pytest tests/serving/test_serving_fuzz.py -q"""
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -187,3 +188,74 @@ def test_malformed_requests_are_refused_and_the_server_keeps_serving(onnx_server
         assert len(typed.Classify(good, timeout=10).results) == 8
     assert onnx_server.proc.poll() is None
     assert not [r for r in onnx_server.records if r.get("code") == "INTERNAL" or "exception" in r]
+
+
+def _http_cases(rng: np.random.Generator, n: int) -> list[tuple[str, str, dict, bytes]]:
+    """(method, path, headers, body): malformed HTTP requests over both HTTP APIs."""
+    good = {"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": [0] * 784}]}
+    cases = []
+    for i in range(n):
+        kind = i % 8
+        infer = f"/v2/models/{MODEL}/infer"
+        if kind == 0:  # random bytes as JSON
+            cases.append(("POST", infer, {"Content-Type": "application/json"}, rng.bytes(int(rng.integers(0, 200)))))
+        elif kind == 1:  # a good request with one field replaced by junk
+            body = {"inputs": [dict(good["inputs"][0])]}
+            key = ["name", "shape", "datatype", "data", "parameters"][int(rng.integers(0, 5))]
+            body["inputs"][0][key] = [None, -1, "x", [1.5], {"binary_data_size": -3}, [[]], 2 ** 70][
+                int(rng.integers(0, 7))]
+            cases.append(("POST", infer, {"Content-Type": "application/json"}, json.dumps(body).encode()))
+        elif kind == 2:  # the binary extension with a wrong header length or a short payload
+            header = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "UINT8",
+                                             "parameters": {"binary_data_size": 784}}]}).encode()
+            length = int(rng.choice([-1, 0, len(header) - 3, len(header) + 5000, len(header)]))
+            tail = bytes(int(rng.integers(0, 900)))
+            if length == len(header) and len(tail) == 784:
+                tail = tail[:-1]
+            cases.append(("POST", infer, {"Inference-Header-Content-Length": str(length)}, header + tail))
+        elif kind == 3:  # outputs that do not exist, ids of every type
+            body = dict(good, outputs=[{"name": rng.bytes(4).hex()}], id=[1, {"a": 2}, None][int(rng.integers(0, 3))])
+            cases.append(("POST", infer, {"Content-Type": "application/json"}, json.dumps(body).encode()))
+        elif kind == 4:  # random bytes as an image
+            cases.append(("POST", "/v1/classify", {"Content-Type": "image/png"}, rng.bytes(int(rng.integers(1, 300)))))
+        elif kind == 5:  # typed JSON with junk
+            junk = [{"images": "x"}, {"images": [{"encoded": "%%%"}]}, {"topK": -1, "images": []},
+                    {"images": [{"pixels": "AAAA"}]}, {"nope": 1}, [1, 2], {"options": {"invert": "SIDEWAYS"}}]
+            cases.append(("POST", ["/v1/classify", "/v1/embed"][i % 2], {"Content-Type": "application/json"},
+                          json.dumps(junk[int(rng.integers(0, len(junk)))]).encode()))
+        elif kind == 6:  # multipart with a broken boundary or no file
+            boundary = rng.bytes(6).hex()
+            body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nx\r\n--{boundary}--\r\n"
+            cases.append(("POST", "/v1/classify", {"Content-Type": f"multipart/form-data; boundary={boundary[:3]}"},
+                          body.encode()))
+        else:  # bad query options with a good image
+            query = ["top_k=0", "top_k=x", "top_k=11", "invert=up", "fit=2", "return_inputs=maybe"][int(rng.integers(0, 6))]
+            cases.append(("POST", f"/v1/classify?{query}", {"Content-Type": "image/png"}, _png(rng)))
+    return cases
+
+
+def test_malformed_http_requests_are_refused_and_the_server_keeps_serving(onnx_server):
+    """Every malformed HTTP request gets a 4xx with a JSON error (never a 5xx), and a good request works after."""
+    import http.client
+
+    port = onnx_server.wait_for("listening")["http_port"]
+    rng = np.random.default_rng(7)
+
+    def send(case):
+        method, path, headers, body = case
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read(), path
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send, _http_cases(rng, 400)))
+    for status, body, path in answers:
+        assert 400 <= status < 500, (status, path, body[:200])
+        assert "error" in json.loads(body), body[:200]
+    good = json.dumps({"images": [{"pixels": __import__("base64").b64encode(bytes(784)).decode()}]}).encode()
+    assert send(("POST", "/v1/classify", {"Content-Type": "application/json"}, good))[0] == 200
+    assert not [line for line in onnx_server.lines if "unhandled exception" in line]

@@ -102,6 +102,38 @@ def test_tls_with_token_serves_both_apis(tls_server, pki, digits, model_reposito
     triton.close()
 
 
+def test_http_is_served_over_tls_with_the_same_certificate_and_token(tls_server, pki, digits):
+    """One security story for both transports: HTTPS with the server's certificate, the token required for
+    inference, health open; plaintext HTTP cannot talk to it."""
+    import http.client
+    import json
+    import ssl
+
+    port = tls_server.wait_for("listening")["http_port"]
+    context = ssl.create_default_context(cafile=pki.ca_pem)
+
+    def call(method, path, body=None, headers=None):
+        connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    assert call("GET", "/v2/health/ready")[0] == 200
+    body = json.dumps({"inputs": [{"name": "image", "shape": [2, 1, 28, 28], "datatype": "UINT8",
+                                   "data": digits[0][:2].reshape(-1).tolist()}]}).encode()
+    assert call("POST", f"/v2/models/{MODEL}/infer", body)[0] == 401
+    status, answer = call("POST", f"/v2/models/{MODEL}/infer", body, {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [2, 10]
+    plain = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        plain.request("GET", "/v2/health/ready")
+        assert plain.getresponse().status != 200
+    plain.close()
+
+
 def test_plaintext_and_untrusted_clients_cannot_connect(tls_server, pki):
     with grpc.insecure_channel(tls_server.address) as channel:
         with pytest.raises(grpc.RpcError) as info:
