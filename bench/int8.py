@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.repository_format import BY_KIND, IMAGE_DIMS, INPUT, ONNX_INT8_MODEL
+from serving.repository.format import BY_KIND, IMAGE_DIMS, INPUT, ONNX_INT8_MODEL
 
 GRAPHS = {"fp32": Path(BY_KIND["onnx"].file()), "int8": Path(ONNX_INT8_MODEL) / "1" / "model.onnx"}
 

@@ -43,7 +43,7 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script: bench/ is on sys.path,
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from bench.tiny_repo import tiny_repo  # noqa: E402
-from serving.repository_format import (BY_KIND, IMAGE_DIMS, INPUT, INPUT_DATATYPE,  # noqa: E402
+from serving.repository.format import (BY_KIND, IMAGE_DIMS, INPUT, INPUT_DATATYPE,  # noqa: E402
                                        OUTPUT_LOGITS)
 
 

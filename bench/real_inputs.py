@@ -7,7 +7,7 @@
 
 --count MNIST *test* digits (a seeded random subset, the same digits for every kind) are rendered by the
 generators of bench/real_inputs_render.py (image i of a kind depends only on --seed, the kind and the digit's
-index), preprocessed by serving.images.decode_image (or --preprocess, any function with decode_image's
+index), preprocessed by serving.images.decoding.decode_image (or --preprocess, any function with decode_image's
 signature; `path/to/file.py:function` loads a file) and classified by the exported ONNX model in-process.
 With --server the encoded files go to a running server instead (Client.classify, batches of 64), which
 preprocesses them with its own pipeline. The clean accuracy is the same model on the same digits as MNIST
@@ -102,7 +102,7 @@ def load_function(spec: str) -> Preprocess:
 
 
 def default_preprocess() -> Preprocess:
-    from serving.images import decode_image
+    from serving.images.decoding import decode_image
     return decode_image
 
 
@@ -298,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="MNIST cache root (default: training.data's)")
     p.add_argument("--server", default=None, help="classify through a running server (HOST:PORT) instead")
     p.add_argument("--preprocess", default=None, help="module:function or file.py:function with decode_image's "
-                                                      "signature (default: serving.images.decode_image)")
+                                                      "signature (default: serving.images.decoding.decode_image)")
     p.add_argument("--strip", default=None, help="write a picture strip (PNG) of a few digits per kind")
     p.add_argument("--save", default=None, help="write the generated files under DIR/KIND/")
     p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.timing and not args.model_repository:
         p.error("--model-repository is required (except with --timing)")
     command = "python -m bench.real_inputs " + shlex.join(argv)
-    pipeline = args.preprocess or "serving.images.decode_image"
+    pipeline = args.preprocess or "serving.images.decoding.decode_image"
     preprocess = load_function(args.preprocess) if args.preprocess else default_preprocess()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.timing:

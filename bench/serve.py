@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.server_process import ServerProcess
 
-from serving.repository_format import BY_KIND, IMAGE_DIMS, INPUT, MANIFEST_FILE, OUTPUTS
+from serving.repository.format import BY_KIND, IMAGE_DIMS, INPUT, MANIFEST_FILE, OUTPUTS
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 ROOT = Path(__file__).resolve().parents[1]

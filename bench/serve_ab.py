@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.server_process import PROJECT_ROOT, ServerProcess
-from serving.repository_format import BY_KIND, MANIFEST_FILE
+from serving.repository.format import BY_KIND, MANIFEST_FILE
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 ENV_TOKEN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")

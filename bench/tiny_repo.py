@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.repository_format import BY_KIND, IMAGE_DIMS, INPUT, OUTPUT_EMBEDDING, OUTPUT_LOGITS
+from serving.repository.format import BY_KIND, IMAGE_DIMS, INPUT, OUTPUT_EMBEDDING, OUTPUT_LOGITS
 
 __all__ = ["tiny_repo"]
 
@@ -44,9 +44,9 @@ def tiny_repo(out: Path, max_batch_size: int = 256) -> Path:
     """A linear ONNX model with the exported graphs' interface, written as a model repository."""
     import onnx
 
-    from serving.repository import file_sha256
-    from serving.repository_config import model_config, write_config
-    from serving.repository_manifest import ModelSpec, RepositoryManifest, write_manifest
+    from serving.repository.reader import file_sha256
+    from serving.repository.config import model_config, write_config
+    from serving.repository.manifest import ModelSpec, RepositoryManifest, write_manifest
 
     num_classes, embedding_dim, fmt = 10, 16, BY_KIND["onnx"]
     path = out / fmt.file()

@@ -74,7 +74,7 @@ def evaluate_repository(repo: str | Path, known_images: np.ndarray, known_labels
     """The report (a JSON-ready dict) for REPO on these known (labelled digits) and unknown image sets;
     histogram: also write a PNG of the score histograms (known vs each unknown set) there."""
     from export.graphs import load_onnx_session
-    from serving.repository_manifest import load_manifest
+    from serving.repository.manifest import load_manifest
 
     repo = Path(repo)
     manifest = load_manifest(repo / "manifest.json")
@@ -222,7 +222,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from export.unknowns import fashion_mnist, unknown_sets
-    from serving.errors import StartupError
+    from serving.core.errors import StartupError
     from training.data import DataError
 
     args = get_args_parser().parse_args(argv)

@@ -1,7 +1,7 @@
 """Write and reload the two graph formats: TorchScript (model.pt) and ONNX (model.onnx).
 
 Both take `image` UINT8 [N, 1, 28, 28] and return `logits` FP32 [N, C], `embedding` FP32 [N, D] and
-`known_score` FP32 [N], with a dynamic batch axis (the names are serving.repository_format's INPUT and ALL_OUTPUTS).
+`known_score` FP32 [N], with a dynamic batch axis (the names are serving.repository.format's INPUT and ALL_OUTPUTS).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.repository_format import ALL_OUTPUTS, IMAGE_DIMS, INPUT
+from serving.repository.format import ALL_OUTPUTS, IMAGE_DIMS, INPUT
 
 __all__ = ["write_torchscript", "write_onnx", "load_torchscript", "load_onnx_session", "run_torchscript", "run_onnx",
            "FORBIDDEN_ONNX_OPS", "onnx_report"]

@@ -29,7 +29,7 @@ import stat
 import time
 from pathlib import Path
 
-from serving.repository_format import MANIFEST_FILE, MODEL_PREFIX
+from serving.repository.format import MANIFEST_FILE, MODEL_PREFIX
 
 __all__ = ["STALE_AFTER_S", "temp_prefix", "is_stale", "remove_stale"]
 

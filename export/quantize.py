@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.repository_format import ALL_OUTPUTS, INPUT
+from serving.repository.format import ALL_OUTPUTS, INPUT
 
 __all__ = ["Int8Error", "BOUNDS", "quantizable_nodes", "prelu_as_max", "quantize", "compare", "int8_problems", "build_int8"]
 

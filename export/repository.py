@@ -31,10 +31,10 @@ from export.leftovers import remove_stale, temp_prefix
 from export.inference_module import build_inference_module, stage_features
 from export.quantize import Int8Error, build_int8
 from export.verify import ParityReport, check_parity
-from serving.repository_config import model_config, read_config, write_config
-from serving.repository_format import (BY_KIND, CONFIG_FILE, DEFAULT_VERSION, FORMATS, IMAGE_DIMS, MANIFEST_FILE,
+from serving.repository.config import model_config, read_config, write_config
+from serving.repository.format import (BY_KIND, CONFIG_FILE, DEFAULT_VERSION, FORMATS, IMAGE_DIMS, MANIFEST_FILE,
                                        MANIFEST_FORMAT, MODEL_PREFIX, ONNX_INT8_MODEL, ModelFormat)
-from serving.repository_manifest import InputSpec, ModelSpec, RepositoryManifest, TensorSpec, write_manifest
+from serving.repository.manifest import InputSpec, ModelSpec, RepositoryManifest, TensorSpec, write_manifest
 from training.checkpoint import fsync_dir, load_checkpoint, rebuild_model
 from training.data import sha256_file
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from export.graphs import run_onnx, run_torchscript
-from serving.repository_format import ALL_OUTPUTS
+from serving.repository.format import ALL_OUTPUTS
 from training.data import normalize
 
 __all__ = ["ParityError", "ParityReport", "check_parity", "parity_problems", "TOLERANCE"]

@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, HistogramMetricFamily, UnknownMetricFamily
 
-from serving.errors import StartupError
+from serving.core.errors import StartupError
 
 __all__ = ["ModelStats", "MetricsServer", "charge", "charged", "REASONS", "BATCH_BUCKETS", "LATENCY_BUCKETS"]
 

@@ -6,11 +6,11 @@ import argparse
 import os
 
 from serving.backends import BACKENDS, DEVICES
-from serving.decode_budget import DEFAULT_MAX_DECODE_BYTES
-from serving.images import DEFAULT_MAX_IMAGE_PIXELS
+from serving.images.budget import DEFAULT_MAX_DECODE_BYTES
+from serving.images.decoding import DEFAULT_MAX_IMAGE_PIXELS
 from serving.logs import LOG_LEVELS
 from serving.security import TOKEN_ENV
-from serving.servicer import Limits
+from serving.grpc.typed import Limits
 
 __all__ = ["get_args_parser", "DEFAULT_QUEUE_DELAY_US", "DEFAULT_QUEUE_SIZE", "DEFAULT_MAX_CONCURRENT_RPCS",
            "DEFAULT_INTRA_OP_THREADS"]
@@ -81,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "cores and large batches")
     p.add_argument("--max-concurrent-rpcs", type=_positive(int), default=DEFAULT_MAX_CONCURRENT_RPCS,
                    help="calls handled at once; gRPC refuses more with RESOURCE_EXHAUSTED")
-    b = p.add_argument_group("dynamic batching (serving.batching)")
+    b = p.add_argument_group("dynamic batching (serving.backends.batching)")
     b.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
                    help="coalesce concurrent requests into one backend call (--no-dynamic-batching: one call each)")
     b.add_argument("--max-batch-size", type=_positive(int), default=None,

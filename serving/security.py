@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from serving.errors import StartupError, UsageError
+from serving.core.errors import StartupError, UsageError
 
 __all__ = ["TokenAuth", "TlsConfig", "PUBLIC_METHOD_PREFIXES", "TOKEN_ENV", "read_token"]
 

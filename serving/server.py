@@ -17,7 +17,7 @@ Lifecycle (grpc.aio, one asyncio event loop):
 Services: lsoftmax.v1.DigitService, inference.GRPCInferenceService (KServe v2), grpc.health.v1.Health
 ("" and both service names), server reflection.
 Per request: no thread hop of its own. Calls are handled on the event loop; each model's requests are
-coalesced by serving.batching into backend calls in one worker thread per model (--max-batch-size,
+coalesced by serving.backends.batching into backend calls in one worker thread per model (--max-batch-size,
 --max-queue-delay-us, --max-queue-size, --no-dynamic-batching); encoded images are decoded in a small pool.
 Security (serving.security): --tls-cert/--tls-key [--tls-client-ca] and --auth-token-file; metrics
 (serving.metrics): Triton's names at http://HOST:METRICS_PORT/metrics.
@@ -42,25 +42,25 @@ from grpc_reflection.v1alpha import reflection
 from serving._proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
 from serving.backends import REQUIRED_MODULE, backend_available, load_backend
-from serving.batching import BatchingConfig
-from serving.decode_queue import Decoder
-from serving.errors import StartupError, UsageError
-from serving.health import SERVING, HealthServicer
-from serving.images import configure_pillow
-from serving.interceptors import BoundaryInterceptor, Drain
-from serving.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
-from serving.kserve import KServeServicer
+from serving.backends.batching import BatchingConfig
+from serving.images.lanes import Decoder
+from serving.core.errors import StartupError, UsageError
+from serving.grpc.health import SERVING, HealthServicer
+from serving.images.decoding import configure_pillow
+from serving.grpc.interceptors import BoundaryInterceptor, Drain
+from serving.grpc.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from serving.grpc.kserve import KServeServicer
 from serving.logs import configure_logging, log_event
 from serving.malloc import fix_mmap_threshold, trim_when_grown
 from serving.metrics import MetricsServer, ModelStats
-from serving.model_config import read_model_config
-from serving.repository import Manifest, ModelEntry, read_manifest, verify_sha256
-from serving.runner import ModelRunner
+from serving.repository.model_config import read_model_config
+from serving.repository.reader import Manifest, ModelEntry, read_manifest, verify_sha256
+from serving.backends.runner import ModelRunner
 from serving.options import get_args_parser
 from serving.security import TlsConfig, TokenAuth, read_token
 from serving.core.inference import InferenceCore
 from serving.http.app import HttpOptions, HttpServer
-from serving.servicer import SERVICE_NAME, DigitServicer, Limits
+from serving.grpc.typed import SERVICE_NAME, DigitServicer, Limits
 
 __all__ = ["get_args_parser", "main", "serve"]
 

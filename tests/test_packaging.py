@@ -158,7 +158,7 @@ def test_kserve_inference_service():
     """A custom predictor: HTTP on the container's first port (8080), readiness over KServe v2 REST, flags the
     server accepts."""
     (service,) = list(yaml.safe_load_all((ROOT / "deploy" / "kserve.yaml").read_text()))
-    assert service["apiVersion"] == "serving.kserve.io/v1beta1" and service["kind"] == "InferenceService"
+    assert service["apiVersion"] == "serving.grpc.kserve.io/v1beta1" and service["kind"] == "InferenceService"
     (container,) = service["spec"]["predictor"]["containers"]
     assert container["command"] == ["python", "-m", "serving"]
     args = container["args"]

@@ -11,13 +11,13 @@ from pathlib import Path
 
 from serving.backends.base import Backend
 from serving.backends.devices import DEVICES, cuda_device_count, module_available, resolve_device
-from serving.errors import StartupError
-from serving.repository_format import FORMATS, INPUT, format_named
+from serving.core.errors import StartupError
+from serving.repository.format import FORMATS, INPUT, format_named
 
 __all__ = ["Backend", "BACKENDS", "DEVICES", "REQUIRED_MODULE", "backend_available", "cuda_device_count",
            "load_backend", "resolve_device"]
 
-# CLI name → the backend string Triton's config.pbtxt and our manifest use (serving.repository_format's table).
+# CLI name → the backend string Triton's config.pbtxt and our manifest use (serving.repository.format's table).
 BACKENDS = {f.kind: f.backend for f in FORMATS}
 # CLI name → the package its backend imports; the serving image ships onnxruntime only (requirements-serving.txt),
 # torch comes with requirements-serving-torchscript.txt.

@@ -11,8 +11,8 @@ import abc
 
 import numpy as np
 
-from serving.errors import StartupError
-from serving.repository_format import IMAGE_DIMS
+from serving.core.errors import StartupError
+from serving.repository.format import IMAGE_DIMS
 
 __all__ = ["Backend"]
 

@@ -12,7 +12,7 @@ import ctypes
 import functools
 import importlib.util
 
-from serving.errors import StartupError
+from serving.core.errors import StartupError
 
 __all__ = ["DEVICES", "cuda_device_count", "resolve_device", "module_available"]
 

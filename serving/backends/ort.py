@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from serving.backends.base import Backend
-from serving.errors import StartupError
+from serving.core.errors import StartupError
 from serving.logs import log_event
-from serving.repository_format import BY_KIND, INPUT, OPTIONAL_OUTPUTS, OUTPUTS
+from serving.repository.format import BY_KIND, INPUT, OPTIONAL_OUTPUTS, OUTPUTS
 
 __all__ = ["OrtBackend"]
 

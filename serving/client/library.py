@@ -83,10 +83,10 @@ def image_messages(images) -> list[pb.Image]:
 
 def preprocess(image, *, invert: str = "auto", fit: str = "auto") -> np.ndarray:
     """An encoded image (bytes or a path) → uint8 [1, 28, 28], exactly what the typed API feeds the model for it
-    (serving.images: the same decoding, polarity and MNIST framing). For KServe / tritonclient users, whose
+    (serving.images.decoding: the same decoding, polarity and MNIST framing). For KServe / tritonclient users, whose
     `image` input takes uint8 [N, 1, 28, 28]: preprocess on the client, then stack. Raises
-    serving.errors.ImageError for an image the server would refuse with INVALID_ARGUMENT."""
-    from serving.images import Fit, Invert, decode_image
+    serving.core.errors.ImageError for an image the server would refuse with INVALID_ARGUMENT."""
+    from serving.images.decoding import Fit, Invert, decode_image
 
     if invert not in INVERT_CHOICES or fit not in FIT_CHOICES:
         raise ValueError(f"invert must be one of {INVERT_CHOICES} and fit one of {FIT_CHOICES}")

@@ -1,5 +1,5 @@
 """The call boundary both transports pass through: draining, and each inference call's outcome on its model's
-counters. Transport-neutral: the gRPC interceptor (serving.interceptors) and the HTTP middleware
+counters. Transport-neutral: the gRPC interceptor (serving.grpc.interceptors) and the HTTP middleware
 (serving/http/app.py) call these with their own requests and statuses.
 
     start = drain.arrived()              # the call counts as in flight ...
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from serving.errors import DeadlineExceeded, Overloaded, ServingError
+from serving.core.errors import DeadlineExceeded, Overloaded, ServingError
 from serving.metrics import ModelStats
 
 __all__ = ["Drain", "failure_reason", "record"]

@@ -10,7 +10,7 @@ and numpy types (no protobuf, no status codes).
 
 It owns model lookup (unknown → NotFound, loading → NotReady), the per-request limits, the one decision between
 raw pixels and encoded images (and their options), the batcher (through each model's runner), and temperature and
-threshold postprocessing. Errors are serving.errors types; each transport maps them to its own statuses
+threshold postprocessing. Errors are serving.core.errors types; each transport maps them to its own statuses
 (serving/grpc/status.py, serving/http/errors.py). Calls are charged to their model's metrics
 (serving.metrics.charge) here, where the model becomes known; the transports' boundary records the outcome.
 """
@@ -23,14 +23,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from serving import postprocess
-from serving.decode_queue import Decoder
-from serving.errors import InvalidInput, LimitExceeded, NotFound, NotReady
-from serving.images import DEFAULT_MAX_IMAGE_PIXELS, PIXELS, Invert, all_raw, decode_batch, options
+from serving.core import postprocess
+from serving.images.lanes import Decoder
+from serving.core.errors import InvalidInput, LimitExceeded, NotFound, NotReady
+from serving.images.decoding import DEFAULT_MAX_IMAGE_PIXELS, PIXELS, Invert, all_raw, decode_batch, options
 from serving.metrics import charge
-from serving.repository import Manifest, ModelEntry
-from serving.repository_format import ALL_OUTPUTS, IMAGE_DIMS, INPUT_DATATYPE, OUTPUT_DATATYPE, OUTPUTS
-from serving.runner import ModelRunner
+from serving.repository.reader import Manifest, ModelEntry
+from serving.repository.format import ALL_OUTPUTS, IMAGE_DIMS, INPUT_DATATYPE, OUTPUT_DATATYPE, OUTPUTS
+from serving.backends.runner import ModelRunner
 
 __all__ = ["InferenceCore", "Limits", "Classified", "Embedded", "ImageItem"]
 

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from serving.core.boundary import Drain, record
 from serving.core.inference import InferenceCore
-from serving.errors import NotReady, ServingError, StartupError, Unauthenticated
+from serving.core.errors import NotReady, ServingError, StartupError, Unauthenticated
 from serving.http import kserve_rest, typed_rest
 from serving.http.errors import HttpError, error_response, status_for
 from serving.logs import log_event

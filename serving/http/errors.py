@@ -1,4 +1,4 @@
-"""Errors over HTTP: the one table from serving.errors types to statuses, and the errors only HTTP has.
+"""Errors over HTTP: the one table from serving.core.errors types to statuses, and the errors only HTTP has.
 
 Every error body is `{"error": "<message>"}` (what tritonclient.http and the KServe v2 REST protocol read).
 """
@@ -9,7 +9,7 @@ import json
 
 from aiohttp import web
 
-from serving.errors import (DeadlineExceeded, InvalidInput, LimitExceeded, NotFound, NotReady, Overloaded,
+from serving.core.errors import (DeadlineExceeded, InvalidInput, LimitExceeded, NotFound, NotReady, Overloaded,
                             ServingError, Unauthenticated)
 
 __all__ = ["HttpError", "status_for", "error_response"]

@@ -15,11 +15,11 @@ import numpy as np
 from aiohttp import web
 
 from serving.core.inference import InferenceCore
-from serving.errors import InvalidInput
+from serving.core.errors import InvalidInput
 from serving.http.bodies import read_body
 from serving.http.errors import error_response
-from serving.kserve import runner_config, server_metadata
-from serving.repository_format import OUTPUT_DATATYPE
+from serving.grpc.kserve import runner_config, server_metadata
+from serving.repository.format import OUTPUT_DATATYPE
 
 __all__ = ["add_routes", "HEADER_LENGTH"]
 

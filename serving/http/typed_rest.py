@@ -14,10 +14,10 @@ from google.protobuf import json_format
 
 from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
 from serving.core.inference import InferenceCore
-from serving.errors import InvalidInput
+from serving.core.errors import InvalidInput
 from serving.http.bodies import multipart_files, read_body
 from serving.http.errors import HttpError
-from serving.servicer import classify_response, model_info_response
+from serving.grpc.typed import classify_response, model_info_response
 
 __all__ = ["TypedRest", "add_routes"]
 

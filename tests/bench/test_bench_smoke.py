@@ -70,9 +70,9 @@ def test_tiny_repo_is_written_through_the_repository_format(tmp_path):
     import sys
     from pathlib import Path
 
-    from serving.repository import read_manifest, verify_sha256
-    from serving.repository_config import model_config, read_config
-    from serving.repository_format import BY_KIND
+    from serving.repository.reader import read_manifest, verify_sha256
+    from serving.repository.config import model_config, read_config
+    from serving.repository.format import BY_KIND
 
     root = Path(__file__).resolve().parents[2]
     repo = tmp_path / "repo"

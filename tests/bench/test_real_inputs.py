@@ -142,7 +142,7 @@ def _fake_model(batch: np.ndarray) -> np.ndarray:
 
 
 def _simple_preprocess(index: int, data: bytes) -> np.ndarray:
-    """Independent of serving.images: flatten onto white, light-on-dark, plain resize; image 0 is rejected."""
+    """Independent of serving.images.decoding: flatten onto white, light-on-dark, plain resize; image 0 is rejected."""
     if index == 0:
         raise ValueError("rejected")
     image = _open(data).convert("RGBA")
@@ -199,9 +199,9 @@ def test_cli_end_to_end_with_fakes(monkeypatch, tmp_path, capsys):
     assert len(list((saved / "upscaled").glob("*_label7.png"))) == 4
 
     assert real_inputs.main(["--model-repository", str(tmp_path), "--kinds", "upscaled", "--count", "3",
-                             "--json", "--preprocess", "serving.images:decode_image"]) == 0
+                             "--json", "--preprocess", "serving.images.decoding:decode_image"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["kinds"][0]["images"] == 3 and report["pipeline"] == "serving.images:decode_image"
+    assert report["kinds"][0]["images"] == 3 and report["pipeline"] == "serving.images.decoding:decode_image"
 
 
 def test_preprocess_can_be_loaded_from_a_file(tmp_path):

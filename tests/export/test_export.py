@@ -150,14 +150,14 @@ def test_config_pbtxt_matches_graph(repo, model_dir, backend, graph):
 
 @pytest.mark.parametrize("model_dir", [ONNX_DIR, TS_DIR])
 def test_config_pbtxt_is_written_through_model_config(repo, model_dir):
-    """config.pbtxt is serving.repository_config's ModelConfig message in text format (no template): it parses
+    """config.pbtxt is serving.repository.config's ModelConfig message in text format (no template): it parses
     strictly under Triton's full schema (tritonclient's) into exactly the message the builder makes."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     from export.repository import config_parameters
-    from serving.repository_config import config_text, model_config
-    from serving.repository_format import BY_BACKEND
+    from serving.repository.config import config_text, model_config
+    from serving.repository.format import BY_BACKEND
 
     out, manifest, _ = repo
     text = (out / model_dir / "config.pbtxt").read_text()
@@ -176,7 +176,7 @@ def test_private_model_config_schema_is_the_generated_stubs():
     its schema is byte for byte the generated stub's. Checked in a subprocess, which may import the stub."""
     code = (
         "from serving._proto.inference import model_config_pb2 as mc\n"
-        "from serving.repository_config import message_type\n"
+        "from serving.repository.config import message_type\n"
         "private = message_type().DESCRIPTOR.file\n"
         "assert private.serialized_pb == mc.DESCRIPTOR.serialized_pb and private.pool is not mc.DESCRIPTOR.pool\n"
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from export.repository import ExportError, export_repository, sha256_file
-from serving.repository_format import ONNX_INT8_MODEL
+from serving.repository.format import ONNX_INT8_MODEL
 from support import synthetic_digits
 
 ONNX_DIR = "lsoftmax_mnist_onnx"
@@ -167,7 +167,7 @@ def test_the_server_loads_and_serves_the_int8_model_by_name(int8_repo):
     """serving's own path: the manifest's model by name (--model), the onnx backend, the graph's three outputs;
     the default ONNX model (no --model, or --backend onnx) stays the FP32 one."""
     from serving.backends import load_backend
-    from serving.repository import read_manifest, verify_sha256
+    from serving.repository.reader import read_manifest, verify_sha256
 
     out, _, images, _ = int8_repo
     manifest = read_manifest(out)
@@ -190,7 +190,7 @@ def test_int8_export_end_to_end_on_the_tiny_checkpoint(tmp_path, tiny_checkpoint
     """Fast: quantise, verify (bounds lifted), lay out, list in the manifest, load through serving by name."""
     import export.quantize as quantize
     from serving.backends import load_backend
-    from serving.repository import read_manifest, verify_sha256
+    from serving.repository.reader import read_manifest, verify_sha256
 
     for key, loose in (("min_top1_agreement", 0.0), ("max_accuracy_drop", 100.0), ("min_embedding_cosine", -1.0),
                        ("min_decision_agreement", 0.0)):

@@ -18,7 +18,7 @@
   n)` waits until n calls wait at a gate. `wait_until(condition)` polls a condition the test has frozen that way
   (e.g. `pending(server) == 15`), with a give-up timeout only.
 tritonclient's generated `inference.*` messages clash with ours in one process: no test imports
-serving._proto.inference (or serving.server / serving.kserve) in the pytest process; servers run in subprocesses.
+serving._proto.inference (or serving.server / serving.grpc.kserve) in the pytest process; servers run in subprocesses.
 Test modules cannot import this file by name (tests/conftest.py owns that name), so the helpers reach them
 through the `helpers` fixture: `helpers.ServerProcess`, `helpers.png_bytes`, `helpers.reference_outputs`, ...
 Run: .venv/bin/python -m pytest tests/serving -q

@@ -13,8 +13,8 @@ Gates (at the seams serving keeps stable for tests):
                   worker thread; raw-pixel requests reach it without decoding. The record carries `images`.
                   TorchScriptBackend.infer goes through the same gate when that class is where it was (the GPU
                   tests serve TorchScript).
-    decode        serving.decode_queue.prepare_image: every encoded image being decoded, in a decode thread.
-    decode-large  the same, only for images over serving.decode_queue.SMALL_PIXELS (the large lane's).
+    decode        serving.images.lanes.prepare_image: every encoded image being decoded, in a decode thread.
+    decode-large  the same, only for images over serving.images.lanes.SMALL_PIXELS (the large lane's).
 The decode records carry `index` and `size`. Without the variable, or with no hold file, it is `python -m serving`.
 Test side: tests/serving/conftest.py's `Gates` (`helpers.Gates`, the `gates` fixture).
 """
@@ -67,7 +67,7 @@ class Gate:
 
 
 def install(folder: Path) -> None:
-    from serving import decode_queue
+    from serving.images import lanes as decode_queue
     from serving.backends import ort
 
     infer_gate = Gate(folder, "infer")

@@ -110,14 +110,14 @@ def _record_decoding(monkeypatch) -> list[tuple[str, tuple[int, int]]]:
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_images_are_refused_before_any_pixel_is_decoded(case, monkeypatch):
-    """What makes a refusal cheap, checked instead of timed: on the server's own decoding path (serving.decode_queue
+    """What makes a refusal cheap, checked instead of timed: on the server's own decoding path (serving.images.lanes
     with the server's default limits and Pillow configured as the server configures it), nothing is decoded."""
     import asyncio
     import warnings
 
-    from serving.decode_queue import Decoder
-    from serving.errors import ImageError, LimitExceeded
-    from serving.images import DEFAULT_MAX_IMAGE_PIXELS, Fit, Invert, configure_pillow
+    from serving.images.lanes import Decoder
+    from serving.core.errors import ImageError, LimitExceeded
+    from serving.images.decoding import DEFAULT_MAX_IMAGE_PIXELS, Fit, Invert, configure_pillow
 
     images, _, text = HOSTILE[case]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
@@ -139,7 +139,7 @@ def test_a_gif_with_thousands_of_frames_costs_one_frame(stub, monkeypatch):
     frame 0 (checked in-process on the same decoding function, instead of timing the server)."""
     from PIL import GifImagePlugin
 
-    from serving.images import decode_image
+    from serving.images.decoding import decode_image
 
     data = _gif_frames(3000)
     response = stub.Classify(pb.ClassifyRequest(images=[pb.Image(encoded=data)]), timeout=30)

@@ -1,4 +1,4 @@
-"""serving.batching.DynamicBatcher in-process with a fake backend (no gRPC): callers get exactly their own rows,
+"""serving.backends.batching.DynamicBatcher in-process with a fake backend (no gRPC): callers get exactly their own rows,
 concurrent requests share backend calls, a lone request never waits for the queue delay, large requests are
 split, the queue bound answers Overloaded, failures and cancellations stay contained, close() fails what is
 queued. Run: .venv/bin/python -m pytest tests/serving/test_serving_batching.py -q"""
@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from serving.batching import BatchingConfig, DynamicBatcher
-from serving.errors import LimitExceeded, NotReady, Overloaded
+from serving.backends.batching import BatchingConfig, DynamicBatcher
+from serving.core.errors import LimitExceeded, NotReady, Overloaded
 from serving.metrics import ModelStats
 
 

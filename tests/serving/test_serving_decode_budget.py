@@ -1,4 +1,4 @@
-"""The server-wide byte budget for decoding (serving.decode_budget) and what it charges (serving.images.decode_cost):
+"""The server-wide byte budget for decoding (serving.images.budget) and what it charges (serving.images.decoding.decode_cost):
 waiting in arrival order, refusing what can never fit, giving up at the deadline or on cancellation without
 leaking bytes; the decoder charges large images, lets go of each decoded image at once, and refuses an image
 larger than the whole budget. No timing: the event loop's own scheduling decides who got what.
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import serving.decode_queue as decode_queue
-from serving.decode_budget import DecodeBudget
-from serving.decode_queue import Decoder
-from serving.errors import DeadlineExceeded, LimitExceeded
-from serving.images import (ALPHA_BYTES_PER_PIXEL, COLOUR_BYTES_PER_PIXEL, GREY_BYTES_PER_PIXEL,
+import serving.images.lanes as decode_queue
+from serving.images.budget import DecodeBudget
+from serving.images.lanes import Decoder
+from serving.core.errors import DeadlineExceeded, LimitExceeded
+from serving.images.decoding import (ALPHA_BYTES_PER_PIXEL, COLOUR_BYTES_PER_PIXEL, GREY_BYTES_PER_PIXEL,
                             WEBP_BYTES_PER_PIXEL, Fit, Invert, decode_cost, open_image)
 
 

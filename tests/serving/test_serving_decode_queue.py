@@ -1,4 +1,4 @@
-"""Hostile and heavy images (serving.images, serving.decode_queue), in-process: refused formats named, Pillow's bomb
+"""Hostile and heavy images (serving.images.decoding, serving.images.lanes), in-process: refused formats named, Pillow's bomb
 limit following the flag, bounded memory for huge images, the per-request pixel budget, the bounded large-image
 queue, the deadline checked between images, and small images never waiting behind large ones.
 Run: .venv/bin/python -m pytest tests/serving/test_serving_decode_queue.py -q"""
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.decode_queue import SMALL_PIXELS, Decoder
-from serving.errors import DeadlineExceeded, ImageError, LimitExceeded
-from serving.images import WORK_SIDE, Fit, Invert, configure_pillow, decode_image, open_image
+from serving.images.lanes import SMALL_PIXELS, Decoder
+from serving.core.errors import DeadlineExceeded, ImageError, LimitExceeded
+from serving.images.decoding import WORK_SIDE, Fit, Invert, configure_pillow, decode_image, open_image
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -139,9 +139,9 @@ def test_the_request_pixel_budget_names_the_image_that_overdraws_it():
 
 
 def gate_prepare_image(monkeypatch, hold):
-    """Replace serving.decode_queue.prepare_image (the decoding of one opened image, in a worker thread) with one
+    """Replace serving.images.lanes.prepare_image (the decoding of one opened image, in a worker thread) with one
     that calls hold(index, im) first; returns the list of (index, size) of the images it was called for."""
-    import serving.decode_queue as decode_queue
+    import serving.images.lanes as decode_queue
 
     real = decode_queue.prepare_image
     calls: list[tuple[int, tuple[int, int]]] = []

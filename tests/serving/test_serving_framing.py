@@ -1,4 +1,4 @@
-"""Finding the digit in real captures (serving.framing through serving.images.decode_image), in-process: photos
+"""Finding the digit in real captures (serving.images.framing through serving.images.decoding.decode_image), in-process: photos
 with uneven light, noise and JPEG, scans, drawing-pad exports, chalkboards, ruled lines, a page edge, specks, and
 blank pages. Each capture is compared with the same digit framed from a clean rendering: what users send must
 reach the model looking like MNIST. Run: .venv/bin/python -m pytest tests/serving/test_serving_framing.py -q"""
@@ -12,8 +12,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from bench.real_inputs_render import GENERATORS
-from serving.framing import fit_digit, is_light_background
-from serving.images import decode_image
+from serving.images.framing import fit_digit, is_light_background
+from serving.images.decoding import decode_image
 
 
 def _seven() -> np.ndarray:

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
 
 from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
-from serving.images import decode_image
+from serving.images.decoding import decode_image
 
 SERVICE = "lsoftmax.v1.DigitService"
 

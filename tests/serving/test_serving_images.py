@@ -1,4 +1,4 @@
-"""Image decoding and MNIST fitting (serving.images), in-process: formats, modes, polarity, framing, and every
+"""Image decoding and MNIST fitting (serving.images.decoding), in-process: formats, modes, polarity, framing, and every
 bad-input case raising ImageError with the image's index. Run: .venv/bin/python -m pytest tests/serving/test_serving_images.py -q"""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from serving.errors import ImageError, InvalidInput
-from serving.images import Fit, Invert, decode_batch, decode_image, fit_digit, raw_pixels
+from serving.core.errors import ImageError, InvalidInput
+from serving.images.decoding import Fit, Invert, decode_batch, decode_image, fit_digit, raw_pixels
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -19,19 +19,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.tiny_repo import tiny_repo
 from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
-from serving.batching import BatchingConfig
+from serving.backends.batching import BatchingConfig
 from serving.core.inference import InferenceCore
-from serving.decode_queue import Decoder
-from serving.errors import (DeadlineExceeded, ImageError, InvalidInput, LimitExceeded, NotFound, NotReady, Overloaded,
+from serving.images.lanes import Decoder
+from serving.core.errors import (DeadlineExceeded, ImageError, InvalidInput, LimitExceeded, NotFound, NotReady, Overloaded,
                             Unauthenticated)
-from serving.grpc_status import status_for
-from serving.health import SERVING, HealthServicer
-from serving.interceptors import BoundaryInterceptor, Drain
+from serving.grpc.status import status_for
+from serving.grpc.health import SERVING, HealthServicer
+from serving.grpc.interceptors import BoundaryInterceptor, Drain
 from serving.metrics import ModelStats
-from serving.repository import read_manifest
-from serving.runner import ModelRunner
+from serving.repository.reader import read_manifest
+from serving.backends.runner import ModelRunner
 from serving.security import TokenAuth
-from serving.servicer import SERVICE_NAME, DigitServicer, Limits
+from serving.grpc.typed import SERVICE_NAME, DigitServicer, Limits
 
 TOKEN = "in-process-token"
 
@@ -373,7 +373,7 @@ def test_the_core_is_protocol_neutral():
     import subprocess
     import sys
 
-    code = ("import sys, serving.core.inference, serving.core.boundary, serving.errors; "
+    code = ("import sys, serving.core.inference, serving.core.boundary, serving.core.errors; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'aiohttp') "
             "or m.startswith('google.protobuf')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

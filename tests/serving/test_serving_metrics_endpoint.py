@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.errors import StartupError
+from serving.core.errors import StartupError
 from serving.metrics import MetricsServer, ModelStats
 
 TOKEN = "metrics-t0ken"

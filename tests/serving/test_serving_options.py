@@ -9,7 +9,7 @@ import pytest
 from bench.tiny_repo import tiny_repo
 from serving.backends import load_backend
 from serving.options import DEFAULT_INTRA_OP_THREADS, get_args_parser
-from serving.repository import read_manifest
+from serving.repository.reader import read_manifest
 
 
 def _parse(*flags: str):

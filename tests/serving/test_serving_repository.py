@@ -1,4 +1,4 @@
-"""Reading the model repository (serving.repository): model selection, sha256 verification, and a clear
+"""Reading the model repository (serving.repository.reader): model selection, sha256 verification, and a clear
 StartupError (never a KeyError) for each defect of manifest.json; the format's one owner (the backend table,
 manifest.json and config.pbtxt written by export and read back the same). In-process, but for the server's
 config.pbtxt reader (its stubs clash with tritonclient's); the subprocess startup failures are in
@@ -14,8 +14,8 @@ import textwrap
 
 import pytest
 
-from serving.errors import StartupError
-from serving.repository import read_manifest, verify_sha256
+from serving.core.errors import StartupError
+from serving.repository.reader import read_manifest, verify_sha256
 
 
 @pytest.fixture
@@ -150,9 +150,9 @@ def test_missing_or_unreadable_manifest(repo_copy, tmp_path):
 
 
 def test_backend_table_is_the_one_mapping():
-    """serving.repository_format.FORMATS: our kind ↔ Triton backend / platform ↔ file ↔ model directory."""
+    """serving.repository.format.FORMATS: our kind ↔ Triton backend / platform ↔ file ↔ model directory."""
     from serving.backends import BACKENDS
-    from serving.repository_format import BY_BACKEND, BY_KIND, FORMATS, format_named
+    from serving.repository.format import BY_BACKEND, BY_KIND, FORMATS, format_named
 
     assert [(f.kind, f.backend, f.platform, f.filename, f.directory) for f in FORMATS] == [
         ("onnx", "onnxruntime", "onnxruntime_onnx", "model.onnx", "lsoftmax_mnist_onnx"),
@@ -166,8 +166,8 @@ def test_backend_table_is_the_one_mapping():
 
 def test_exported_manifest_round_trips_through_the_typed_structure(model_repository):
     """What export wrote is what RepositoryManifest reads, and writing it again gives the same bytes."""
-    from serving.repository_format import ALL_OUTPUTS, FORMATS, INPUT
-    from serving.repository_manifest import RepositoryManifest, load_manifest
+    from serving.repository.format import ALL_OUTPUTS, FORMATS, INPUT
+    from serving.repository.manifest import RepositoryManifest, load_manifest
 
     text = (model_repository / "manifest.json").read_text()
     spec = load_manifest(model_repository / "manifest.json")
@@ -182,8 +182,8 @@ def test_exported_manifest_round_trips_through_the_typed_structure(model_reposit
 
 def test_exported_config_pbtxt_round_trips_through_model_config(model_repository):
     """Each config.pbtxt parses back (inference.ModelConfig, text format) to the message the builder makes."""
-    from serving.repository_config import model_config, read_config
-    from serving.repository_format import BY_KIND
+    from serving.repository.config import model_config, read_config
+    from serving.repository.format import BY_KIND
 
     manifest = read_manifest(model_repository)
     for entry in manifest.models.values():
@@ -218,15 +218,15 @@ def test_the_backend_feeds_the_manifests_input_name(model_repository):
 
 
 def test_server_reads_config_pbtxt_or_derives_it(repo_copy, helpers):
-    """serving.model_config (the server's reader, stub messages: run in a subprocess) parses config.pbtxt through
-    serving.repository_config, derives the interface when there is none, and names the file when it is broken."""
+    """serving.repository.model_config (the server's reader, stub messages: run in a subprocess) parses config.pbtxt through
+    serving.repository.config, derives the interface when there is none, and names the file when it is broken."""
     (repo_copy / "lsoftmax_mnist_onnx" / "config.pbtxt").unlink()
     (repo_copy / "lsoftmax_mnist_torchscript" / "config.pbtxt").write_text("name: [unclosed\n")
     code = textwrap.dedent(f"""
-        from serving.batching import BatchingConfig
-        from serving.errors import StartupError
-        from serving.model_config import effective_config, read_model_config
-        from serving.repository import read_manifest
+        from serving.backends.batching import BatchingConfig
+        from serving.core.errors import StartupError
+        from serving.repository.model_config import effective_config, read_model_config
+        from serving.repository.reader import read_manifest
         manifest = read_manifest({str(repo_copy)!r})
         onnx = manifest.models["lsoftmax_mnist_onnx"]
         config = read_model_config(onnx, manifest)

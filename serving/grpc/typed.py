@@ -1,7 +1,7 @@
 """lsoftmax.v1.DigitService over gRPC: Classify, Embed, GetModelInfo as a thin adapter over the core.
 
 protobuf in → serving.core.inference.InferenceCore (limits, images, batching, postprocessing) → protobuf out.
-Errors are serving.errors types, mapped to status codes at the RPC boundary (serving.interceptors).
+Errors are serving.core.errors types, mapped to status codes at the RPC boundary (serving.grpc.interceptors).
 """
 
 from __future__ import annotations

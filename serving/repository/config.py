@@ -21,8 +21,8 @@ from pathlib import Path
 from google.protobuf import descriptor_pool, message_factory, text_format
 from google.protobuf.message import Message
 
-from serving.errors import StartupError
-from serving.repository_format import (CONFIG_FILE, IMAGE_DIMS, INPUT, OUTPUT_EMBEDDING, OUTPUT_KNOWN_SCORE,
+from serving.core.errors import StartupError
+from serving.repository.format import (CONFIG_FILE, IMAGE_DIMS, INPUT, OUTPUT_EMBEDDING, OUTPUT_KNOWN_SCORE,
                                        OUTPUT_LOGITS, ModelFormat)
 
 __all__ = ["PREFERRED_BATCH_SIZES", "MAX_QUEUE_DELAY_US", "message_type", "model_config", "config_text",
@@ -30,7 +30,7 @@ __all__ = ["PREFERRED_BATCH_SIZES", "MAX_QUEUE_DELAY_US", "message_type", "model
 
 PREFERRED_BATCH_SIZES = (8, 32, 64)  # dynamic_batching.preferred_batch_size, those <= max_batch_size
 MAX_QUEUE_DELAY_US = 200  # dynamic_batching.max_queue_delay_microseconds
-_STUB = Path(__file__).resolve().parent / "_proto" / "inference" / "model_config_pb2.py"
+_STUB = Path(__file__).resolve().parents[1] / "_proto" / "inference" / "model_config_pb2.py"
 
 
 @functools.cache

@@ -3,8 +3,8 @@
 Every call passes through BoundaryInterceptor:
 1. With a token configured (serving.security.TokenAuth), a call without `authorization: Bearer <token>`
    gets UNAUTHENTICATED before any handler runs; health checks stay open.
-2. Unary calls run inside a wrapper that turns serving.errors types (or anything else, a bug) into the status
-   `serving.grpc_status.status_for` names, logs unexpected ones with their traceback, records the outcome and
+2. Unary calls run inside a wrapper that turns serving.core.errors types (or anything else, a bug) into the status
+   `serving.grpc.status.status_for` names, logs unexpected ones with their traceback, records the outcome and
    duration on the counters of the model the servicer charged the call to (serving.metrics.charge: only
    inference calls on a loaded model are charged), and writes one structured debug line per request (method,
    status, images, milliseconds, peer).
@@ -24,8 +24,8 @@ import time
 import grpc
 
 from serving.core.boundary import Drain, record
-from serving.errors import NotReady, Unauthenticated
-from serving.grpc_status import status_for
+from serving.core.errors import NotReady, Unauthenticated
+from serving.grpc.status import status_for
 from serving.logs import log_event
 from serving.metrics import charged
 from serving.security import TokenAuth

@@ -1,12 +1,12 @@
 """inference.GRPCInferenceService: the KServe v2 / Open Inference Protocol subset, answering as Triton does.
 
 ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig and ModelInfer over the
-models the server loaded (by repository name). Thin like serving.servicer: validate → runner (dynamic
-batching) → response; errors are serving.errors types mapped to statuses by serving.interceptors.
+models the server loaded (by repository name). Thin like serving.grpc.typed: validate → runner (dynamic
+batching) → response; errors are serving.core.errors types mapped to statuses by serving.grpc.interceptors.
 Input `image` (the manifest's input name) UINT8 [N, 1, 28, 28] in raw_input_contents (read in place with
 np.frombuffer) or typed uint_contents; outputs `logits` FP32 [N, C] and `embedding` FP32 [N, D] in
 raw_output_contents, all of them or the requested subset, in the requested order (names and order:
-serving.repository_format). N may exceed the batcher's max_batch_size (the request is split) but not
+serving.repository.format). N may exceed the batcher's max_batch_size (the request is split) but not
 --max-images-per-request (RESOURCE_EXHAUSTED).
 Triton's answers: an unknown model is ready=false on ModelReady and NOT_FOUND "Request for unknown model:
 '<name>' is not found" on metadata/config/infer; a model still loading (server not ready) → UNAVAILABLE;
@@ -24,10 +24,10 @@ from serving._proto.inference import grpc_service_pb2 as pb
 from serving._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from serving._proto.inference import model_config_pb2 as mc
 from serving.core.inference import InferenceCore
-from serving.errors import InvalidInput
-from serving.model_config import effective_config
-from serving.repository_format import OUTPUT_DATATYPE
-from serving.runner import ModelRunner
+from serving.core.errors import InvalidInput
+from serving.repository.model_config import effective_config
+from serving.repository.format import OUTPUT_DATATYPE
+from serving.backends.runner import ModelRunner
 
 __all__ = ["KServeServicer", "SERVICE_NAME", "SERVER_NAME", "INFER_METHOD", "EXTENSIONS", "server_metadata",
            "runner_config"]

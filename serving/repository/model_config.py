@@ -5,7 +5,7 @@
     effective_config(base, entry, "cpu", batching)          # what KServe ModelConfig answers
 
 config.pbtxt is protobuf text format of Triton's ModelConfig (serving/_proto/inference/model_config_pb2, a
-subset of Triton's schema with the same field numbers), parsed by serving.repository_config; fields outside
+subset of Triton's schema with the same field numbers), parsed by serving.repository.config; fields outside
 the subset are skipped. A repository without config.pbtxt gets one derived from manifest.json (the same
 builder export writes with, without the scheduling part). The effective config reports the batching the
 server was started with (max_batch_size, max_queue_delay_microseconds, default_queue_policy.max_queue_size,
@@ -16,11 +16,11 @@ name. Imports the inference.* stubs: used by the server only, never by code the 
 from __future__ import annotations
 
 from serving._proto.inference import model_config_pb2 as mc
-from serving.batching import BatchingConfig
-from serving.errors import StartupError
-from serving.repository import Manifest, ModelEntry
-from serving.repository_config import model_config, read_config
-from serving.repository_format import CONFIG_FILE, OUTPUT_KNOWN_SCORE
+from serving.backends.batching import BatchingConfig
+from serving.core.errors import StartupError
+from serving.repository.reader import Manifest, ModelEntry
+from serving.repository.config import model_config, read_config
+from serving.repository.format import CONFIG_FILE, OUTPUT_KNOWN_SCORE
 
 __all__ = ["DEFAULT_MAX_BATCH_SIZE", "read_model_config", "effective_config"]
 

@@ -22,7 +22,7 @@ Scheduling, designed so that batching costs nothing when the server is idle:
 - A request larger than max_batch_size is split into max_batch_size chunks (each its own queue entry) and
   its rows are put back together in order. Results go to each caller as views of the batch output, rows
   offset..offset+n, in queue order.
-- More than max_queue_size queue entries (0: unbounded) → serving.errors.Overloaded ("Exceeds maximum queue
+- More than max_queue_size queue entries (0: unbounded) → serving.core.errors.Overloaded ("Exceeds maximum queue
   size", UNAVAILABLE as Triton answers); a request that alone splits into more chunks than the queue holds
   could never be taken, so it gets LimitExceeded (RESOURCE_EXHAUSTED, not worth retrying). A caller that goes away (cancelled) while queued is skipped.
 - enabled=False (--no-dynamic-batching): each request (or max_batch_size chunk) is its own backend call,
@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from serving.errors import LimitExceeded, NotReady, Overloaded
+from serving.core.errors import LimitExceeded, NotReady, Overloaded
 from serving.metrics import ModelStats
 
 __all__ = ["BatchingConfig", "DynamicBatcher"]

@@ -1,11 +1,11 @@
-"""The one table from serving.errors types to gRPC status codes (the HTTP transport has its own:
+"""The one table from serving.core.errors types to gRPC status codes (the HTTP transport has its own:
 serving/http/errors.py)."""
 
 from __future__ import annotations
 
 import grpc
 
-from serving.errors import DeadlineExceeded, InvalidInput, LimitExceeded, NotFound, NotReady, Unauthenticated
+from serving.core.errors import DeadlineExceeded, InvalidInput, LimitExceeded, NotFound, NotReady, Unauthenticated
 
 __all__ = ["status_for"]
 

@@ -3,7 +3,7 @@
     runner = ModelRunner(backend, entry, manifest, BatchingConfig(...))
     logits, embedding = await runner.infer(uint8_batch)   # queued, batched, computed in the worker thread
 
-Backend calls go through serving.batching.DynamicBatcher: one worker thread per model (a CPU backend already
+Backend calls go through serving.backends.batching.DynamicBatcher: one worker thread per model (a CPU backend already
 uses every core for one call, and a GPU backend works on one stream), so a slow call never blocks other
 RPCs, health checks or shutdown, and concurrent requests share backend calls. `stats` holds the model's
 Prometheus counters (serving.metrics).
@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from serving.backends import Backend
-from serving.batching import BatchingConfig, DynamicBatcher
+from serving.backends.batching import BatchingConfig, DynamicBatcher
 from serving.metrics import ModelStats
-from serving.repository import Manifest, ModelEntry
+from serving.repository.reader import Manifest, ModelEntry
 
 __all__ = ["ModelRunner"]
 

@@ -6,7 +6,7 @@
     budget.release(cost)
 
 A count of images in flight does not bound memory: a 700-byte WebP may declare 4000x4000 and decode to ~95 MiB.
-Each large image is charged what decoding it holds at its peak (serving.images.decode_cost) before it starts;
+Each large image is charged what decoding it holds at its peak (serving.images.decoding.decode_cost) before it starts;
 a request whose image would not fit now waits its turn, bounded by its deadline; one that could never fit (its
 cost is over the whole budget) is refused at once. Used on the event loop only (no locks).
 """
@@ -17,11 +17,11 @@ import asyncio
 import collections
 import time
 
-from serving.errors import DeadlineExceeded, LimitExceeded
+from serving.core.errors import DeadlineExceeded, LimitExceeded
 
 __all__ = ["DecodeBudget", "DEFAULT_MAX_DECODE_BYTES"]
 
-# Two 4096x4096 PNGs at their decoding peak (80-130 MiB each, serving.images.decode_cost) fit; a 4096x4096 WebP
+# Two 4096x4096 PNGs at their decoding peak (80-130 MiB each, serving.images.decoding.decode_cost) fit; a 4096x4096 WebP
 # (~270 MiB charged) decodes alone under a budget of 320 MiB.
 DEFAULT_MAX_DECODE_BYTES = 320 * 2**20
 

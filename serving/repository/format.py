@@ -1,13 +1,13 @@
 """The model repository's vocabulary, owned here once: tensor names, the backend table, file names, format ids.
 
-    from serving.repository_format import INPUT, OUTPUTS, FORMATS, BY_KIND, format_named
+    from serving.repository.format import INPUT, OUTPUTS, FORMATS, BY_KIND, format_named
     fmt = format_named("onnx")          # or the manifest's "onnxruntime"
     fmt.backend, fmt.platform           # "onnxruntime", "onnxruntime_onnx" (Triton's names)
     fmt.directory, fmt.file()           # "lsoftmax_mnist_onnx", "lsoftmax_mnist_onnx/1/model.onnx"
 
 Every graph of a repository takes INPUT (UINT8 [N, *IMAGE_DIMS]) and returns OUTPUTS (FP32 [N, C] and
 [N, D]) in that order, then, in repositories exported since issue 13, OUTPUT_KNOWN_SCORE (FP32 [N]). Writers (`python -m export`, bench/loadgen.py tiny-repo) and the server's reader
-(serving.repository, serving.repository_manifest, serving.repository_config) all take these from here.
+(serving.repository.reader, serving.repository.manifest, serving.repository.config) all take these from here.
 Standard library only: export, bench and the tests import it beside tritonclient.
 """
 

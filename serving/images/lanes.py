@@ -9,8 +9,8 @@ Two lanes of worker threads:
 - the *large* lane decodes the rest, one image per job. Its queue is bounded (max_queued_large images waiting or
   running across all requests): beyond it a request gets RESOURCE_EXHAUSTED at once instead of waiting.
 So a 28x28 PNG never waits behind someone's 4096x4096 PNGs. A count does not bound memory (a 700-byte WebP may
-declare 4000x4000), so each large image also takes its decoding cost (serving.images.decode_cost) from the
-server-wide byte budget (serving.decode_budget: waits its turn within the deadline, refused when it could never
+declare 4000x4000), so each large image also takes its decoding cost (serving.images.decoding.decode_cost) from the
+server-wide byte budget (serving.images.budget: waits its turn within the deadline, refused when it could never
 fit), and each decoded image is released as soon as its 28x28 exists. Between images the request's deadline and
 cancellation are checked (a decode that started runs to its end: at most one image, bounded by the pixel
 limit). Each request also has a pixel budget (the declared sizes of its images summed), refused with
@@ -28,9 +28,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from serving.decode_budget import DEFAULT_MAX_DECODE_BYTES, DecodeBudget
-from serving.errors import DeadlineExceeded, ImageError, InvalidInput, LimitExceeded
-from serving.images import SIDE, Fit, Invert, decode_cost, open_image, prepare_image, raw_pixels
+from serving.images.budget import DEFAULT_MAX_DECODE_BYTES, DecodeBudget
+from serving.core.errors import DeadlineExceeded, ImageError, InvalidInput, LimitExceeded
+from serving.images.decoding import SIDE, Fit, Invert, decode_cost, open_image, prepare_image, raw_pixels
 
 __all__ = ["Decoder", "SMALL_PIXELS"]
 

@@ -1,6 +1,6 @@
 """Turn request images (encoded files or raw pixels) into the model's input: uint8 [N, 1, 28, 28], MNIST polarity.
 
-Encoded images (decode_image; serving.decode_queue runs it off the event loop, one image at a time):
+Encoded images (decode_image; serving.images.lanes runs it off the event loop, one image at a time):
 1. Only PNG, JPEG, GIF, BMP, TIFF and WebP are opened (ACCEPTED_FORMATS); anything else is refused by name
    (ICO, EPS, ...: some of Pillow's other plugins decode pixels or run programs before any size check).
    The header is read first and the declared size checked against `max_image_pixels` *before* any pixel
@@ -13,10 +13,10 @@ Encoded images (decode_image; serving.decode_queue runs it off the event loop, o
    float images read as 0..1 (or clipped to 0..255); images with transparency are composited onto the
    background that contrasts with their ink (white behind dark ink, black behind light ink), so a digit
    drawn on a transparent canvas stays visible.
-4. Polarity and framing: serving.framing (INVERT_* / FIT_* options; FIT_AUTO keeps a 28x28 image as it is).
+4. Polarity and framing: serving.images.framing (INVERT_* / FIT_* options; FIT_AUTO keeps a 28x28 image as it is).
 Raw pixels: exactly 784 bytes, row-major 28x28, used as they are (only INVERT_ALWAYS flips them).
 
-Every failure raises serving.errors.ImageError naming the image's index in the request and the reason.
+Every failure raises serving.core.errors.ImageError naming the image's index in the request and the reason.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from serving.errors import ImageError, InvalidInput
-from serving.framing import SIDE, fit_digit, is_light_background, resize_to
+from serving.core.errors import ImageError, InvalidInput
+from serving.images.framing import SIDE, fit_digit, is_light_background, resize_to
 
 __all__ = ["Invert", "Fit", "SIDE", "PIXELS", "DEFAULT_MAX_IMAGE_PIXELS", "ACCEPTED_FORMATS", "WORK_SIDE",
            "configure_pillow", "open_image", "prepare_image", "decode_cost", "decode_batch", "decode_image",
@@ -125,7 +125,7 @@ def open_image(index: int, data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAG
 def decode_cost(im: Image.Image) -> int:
     """Bytes decoding this opened image (open_image) holds at its peak: its declared size, a JPEG's at the DCT
     scale _load_small will use, times the bytes per pixel its mode needs. What the server-wide decode budget
-    (serving.decode_budget) charges before it starts."""
+    (serving.images.budget) charges before it starts."""
     width, height = im.size
     if im.format == "JPEG":
         scale = 1

@@ -13,7 +13,7 @@ models {name: {backend, file, sha256}}, files {path: sha256} (every file of the 
 config.pbtxt included), then what the exporter records for people (onnx, parity, source_checkpoint, exporter;
 any other key), kept as written in `records`. Optional keys may be absent or null (files too: a repository
 written without it has only its model files checked). Checking that the files exist inside the repository and
-have those digests is serving.repository's job.
+have those digests is serving.repository.reader's job.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.errors import StartupError
-from serving.repository_format import (BY_BACKEND, DEFAULT_VERSION, IMAGE_DIMS, INPUT, INPUT_DATATYPE,
+from serving.core.errors import StartupError
+from serving.repository.format import (BY_BACKEND, DEFAULT_VERSION, IMAGE_DIMS, INPUT, INPUT_DATATYPE,
                                        MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, OUTPUT_DATATYPE,
                                        OUTPUT_EMBEDDING, OUTPUT_KNOWN_SCORE, OUTPUT_LOGITS,
                                        ModelFormat)

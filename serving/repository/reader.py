@@ -6,8 +6,8 @@
                                                            # any file manifest.json lists for it (config.pbtxt)
 
 Layout (Triton's, written by `python -m export`): REPO/manifest.json, REPO/<name>/config.pbtxt,
-REPO/<name>/<version>/model.{onnx,pt}. The names are serving.repository_format's, manifest.json's structure
-serving.repository_manifest's, config.pbtxt's serving.repository_config's. Imports no generated stubs.
+REPO/<name>/<version>/model.{onnx,pt}. The names are serving.repository.format's, manifest.json's structure
+serving.repository.manifest's, config.pbtxt's serving.repository.config's. Imports no generated stubs.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from serving.errors import StartupError
-from serving.repository_format import (BY_KIND, CONFIG_FILE, DEFAULT_VERSION, MANIFEST_FILE, MANIFEST_FORMAT,
+from serving.core.errors import StartupError
+from serving.repository.format import (BY_KIND, CONFIG_FILE, DEFAULT_VERSION, MANIFEST_FILE, MANIFEST_FORMAT,
                                        MANIFEST_VERSION, ModelFormat)
-from serving.repository_manifest import ModelSpec, RepositoryManifest, read_json
+from serving.repository.manifest import ModelSpec, RepositoryManifest, read_json
 
 __all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "ListedFile", "Manifest", "ModelEntry", "read_manifest",
            "verify_sha256", "file_sha256"]
@@ -138,7 +138,7 @@ class Manifest:
 
 def _model_dir(spec: ModelSpec) -> PurePosixPath | None:
     """The model's folder relative to the repository (where its config.pbtxt is: the model file's version folder's
-    parent, as serving.model_config reads it); None for a model file without one."""
+    parent, as serving.repository.model_config reads it); None for a model file without one."""
     folder = PurePosixPath(spec.file).parent.parent
     return None if folder == PurePosixPath(".") else folder
 

@@ -1,7 +1,7 @@
 """The serving error types: protocol-neutral (no gRPC, no HTTP), each a kind of failure the core can report.
 
 The core, backends, image decoding and the repository reader raise these; each transport has the one table that
-turns them into its statuses: serving.grpc_status (gRPC codes) and serving/http/errors.py (HTTP statuses).
+turns them into its statuses: serving.grpc.status (gRPC codes) and serving/http/errors.py (HTTP statuses).
 """
 
 from __future__ import annotations
