@@ -265,7 +265,8 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "export", *map(str, args)], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("kind", ["missing", "corrupt", "foreign"])
+@pytest.mark.parametrize("kind", [pytest.param("missing", marks=pytest.mark.slow), "corrupt",
+                                  pytest.param("foreign", marks=pytest.mark.slow)])  # a CLI subprocess each
 def test_cli_bad_checkpoint_is_one_line(tmp_path, kind):
     path = tmp_path / "model.pt"
     if kind == "corrupt":
@@ -279,6 +280,7 @@ def test_cli_bad_checkpoint_is_one_line(tmp_path, kind):
     assert not (tmp_path / "repo").exists()
 
 
+@pytest.mark.slow  # a CLI subprocess; export's refusal is also tested in-process
 def test_cli_refuses_non_empty_output(tmp_path, tiny_checkpoint):
     out = tmp_path / "repo"
     out.mkdir()

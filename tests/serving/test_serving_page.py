@@ -263,6 +263,7 @@ def test_drawn_digits_are_read(browser, page_server, mnist_test, tmp_path):
         shutil.copyfile(tmp_path / "digit.png", PROJECT_ROOT / "docs" / "page.png")
 
 
+@pytest.mark.slow  # a browser each; the default suite keeps drawing, upload, scribble, token, headers
 def test_phone_layout(browser, page_server):
     """On a 390x844 phone screen (touch): nothing scrolls sideways, the pad takes most of the width and the
     buttons are big enough to tap; a finger stroke is classified."""
@@ -361,6 +362,7 @@ def test_token_is_asked_for_and_sent(browser, token_server):
     assert console_errors(browser, allow=("401",)) == []
 
 
+@pytest.mark.slow  # a browser each; the default suite keeps drawing, upload, scribble, token, headers
 def test_keyboard_and_labels(browser, page_server):
     """Every control is reached with Tab and has a name; Escape clears; the answer region is announced."""
     from selenium.webdriver.common.action_chains import ActionChains

@@ -88,6 +88,7 @@ def test_momentum_reaches_the_optimizer_and_changes_the_result(tiny_mnist_root, 
     assert weights_differ(runs["0.5"], runs["0.9"])
 
 
+@pytest.mark.slow  # a training run per case (1-5 s each): the slow suite runs them
 @pytest.mark.parametrize("flags, lrs", [
     (["--lr-schedule", "constant", "--lr", "0.02"], [0.02, 0.02]),
     (["--lr-schedule", "multistep", "--lr", "0.05", "--milestones", "2"], [0.05, 0.005]),  # 2 iterations/epoch
@@ -104,6 +105,7 @@ def test_lr_and_its_schedule(tiny_mnist_root, tmp_path, flags, lrs):
         assert last(tmp_path)["optimizer"]["param_groups"][0]["max_lr"] == 0.3
 
 
+@pytest.mark.slow  # a training run per case (1-5 s each): the slow suite runs them
 def test_batch_size_sets_iterations_per_epoch(tiny_mnist_root, tmp_path):
     for batch, iterations in (("32", 4), ("64", 2), ("100", 2)):
         assert train(tiny_mnist_root, tmp_path / batch, *SMALL, "--batch-size", batch) == 0
@@ -114,6 +116,7 @@ def caffe(base, gamma, power, iteration):
     return base * (1 + gamma * iteration) ** -power
 
 
+@pytest.mark.slow  # a training run per case (1-5 s each): the slow suite runs them
 @pytest.mark.parametrize("flags, betas", [
     (["--beta-schedule", "constant", "--beta-base", "7"], [7.0, 7.0, 7.0]),
     (["--beta-schedule", "exp", "--beta-start", "50", "--beta-decay", "0.5"], [50.0, 12.5, 3.125]),
@@ -139,6 +142,7 @@ def test_seed_changes_the_weights_and_repeats_exactly(tiny_mnist_root, tmp_path)
     assert weights_differ(a, c)
 
 
+@pytest.mark.slow  # a training run per case (1-5 s each): the slow suite runs them
 def test_train_and_test_subsets(tiny_mnist_root, tmp_path, capsys):
     assert train(tiny_mnist_root, tmp_path, *SMALL, "--train-subset", "96", "--test-subset", "40") == 0
     assert "96 train / 40 test images" in capsys.readouterr().out
@@ -147,6 +151,7 @@ def test_train_and_test_subsets(tiny_mnist_root, tmp_path, capsys):
     assert "512 train / 128 test images" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a training run per case (1-5 s each): the slow suite runs them
 def test_amp_and_progress(tiny_mnist_root, tmp_path, capsys):
     """--amp on runs the forward in bf16 autocast even on CPU (other numbers); --progress on draws tqdm bars."""
     assert train(tiny_mnist_root, tmp_path / "fp32", *SMALL) == 0
@@ -187,6 +192,7 @@ def test_cache_dir_is_where_the_data_comes_from(tmp_path, monkeypatch, capsys):
     assert "64 train / 32 test images" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a training run per case (1-5 s each): the slow suite runs them
 def test_val_size_picks_best_by_val_acc_and_vis_writes_features(tiny_mnist_root, tmp_path, capsys):
     """best.pt is chosen on a held-out split of the training set, never on the test set."""
     assert train(tiny_mnist_root, tmp_path, *SMALL, "--epochs", "3", "--val-size", "64", "--vis") == 0

@@ -21,6 +21,7 @@ from train_support import (SMALL, THREE_EPOCHS, assert_one_line_error, last, met
 
 # --- resume -------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # three training runs; resume stays covered by the extend and conflict tests
 def test_interrupted_and_resumed_run_matches_the_unbroken_one(unbroken_run, tiny_mnist_root, tmp_path,
                                                               monkeypatch, capsys):
     """Ctrl-C two iterations into epoch 3 (after a kill that left a half-written log line), then --resume:
