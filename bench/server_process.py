@@ -37,6 +37,8 @@ class ServerProcess:
                  python: str = sys.executable, log_level: str = "debug", cwd: Path | str = PROJECT_ROOT,
                  env: dict[str, str] | None = None, entry: Sequence[str] = ("-m", "serving")) -> None:
         defaults = {"--port": "0", "--metrics-port": "0", "--http-port": "0", "--log-level": log_level}
+        if not (Path(cwd) / "serving" / "http").is_dir():  # an older serving/ (bench.serve_ab) without HTTP
+            del defaults["--http-port"]
         given = set(args)
         cmd = [python, *entry, "--model-repository", str(repository), "--log-format", "json", *args]
         for flag, value in defaults.items():

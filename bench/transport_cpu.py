@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results: dict[str, list[float]] = {}
     with ServerProcess(Path(args.model_repository).resolve(), "--backend", "onnx", "--device", "cpu",
-                       log_level="warning").start() as server:
+                       log_level="info").start() as server:
         paths = _paths(server.address, server.wait_for("listening")["http_port"])
         names = list(paths)
         for name in names:  # warm every path (connections, first-call costs)
