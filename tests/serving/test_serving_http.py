@@ -332,3 +332,32 @@ def test_sigterm_drains_http_too(model_repository, gates):
     finally:
         gates.release()
         server.kill()
+
+
+def test_requests_over_the_concurrency_cap_get_429(model_repository, gates):
+    """--max-concurrent-rpcs caps HTTP requests too: with one held at the backend, the next gets 429 at once."""
+    import threading
+
+    server = gates.server(model_repository, "--backend", "onnx", "--device", "cpu", "--max-concurrent-rpcs", "1").start()
+    try:
+        address = f"127.0.0.1:{server.wait_for('listening')['http_port']}"
+        request = json.dumps({"images": [{"pixels": base64.b64encode(bytes(784)).decode()}]}).encode()
+        held: list = []
+        since = len(server.records)
+        gates.hold("infer")
+        thread = threading.Thread(target=lambda: held.append(_request(
+            address, "POST", "/v1/classify", request, {"Content-Type": "application/json"}, timeout=120)))
+        thread.start()
+        gates.wait_held(server, "infer", since=since)
+        status, headers, body = _request(address, "POST", "/v1/classify", request,
+                                         {"Content-Type": "application/json"})
+        assert status == 429 and headers.get("Retry-After") == "1"
+        assert "--max-concurrent-rpcs" in json.loads(body)["error"]
+        assert _request(address, "GET", "/v2/health/ready")[0] == 200  # health is not capped
+        gates.release()
+        thread.join(120)
+        assert held and held[0][0] == 200
+        _still_serving(address)
+    finally:
+        gates.release()
+        server.kill()
