@@ -303,22 +303,30 @@ def test_token_cors_and_headers(model_repository, helpers):
             headers={"Authorization": "Bearer s3cret"})["name"] == "lsoftmax-serve"
 
 
+def _one_held_at_the_backend(server, gates):
+    """A classify request sent on a thread and held at the backend's gate until the test releases it: (address,
+    the request body, the thread, the list its answer lands in)."""
+    import threading
+
+    address = f"127.0.0.1:{server.wait_for('listening')['http_port']}"
+    request = json.dumps({"images": [{"pixels": base64.b64encode(bytes(784)).decode()}]}).encode()
+    held: list = []
+    since = len(server.records)
+    gates.hold("infer")
+    thread = threading.Thread(target=lambda: held.append(_request(
+        address, "POST", "/v1/classify", request, {"Content-Type": "application/json"}, timeout=120)))
+    thread.start()
+    gates.wait_held(server, "infer", since=since)
+    return address, request, thread, held
+
+
 def test_sigterm_drains_http_too(model_repository, gates):
     """A request held at the backend finishes after SIGTERM; meanwhile ready says 503 and new inference gets 503."""
     import signal
-    import threading
 
     server = gates.server(model_repository, "--backend", "onnx", "--device", "cpu", "--grace-seconds", "60").start()
     try:
-        address = f"127.0.0.1:{server.wait_for('listening')['http_port']}"
-        request = json.dumps({"images": [{"pixels": base64.b64encode(bytes(784)).decode()}]}).encode()
-        held: list = []
-        since = len(server.records)
-        gates.hold("infer")
-        thread = threading.Thread(target=lambda: held.append(_request(
-            address, "POST", "/v1/classify", request, {"Content-Type": "application/json"}, timeout=120)))
-        thread.start()
-        gates.wait_held(server, "infer", since=since)
+        address, request, thread, held = _one_held_at_the_backend(server, gates)
         server.proc.send_signal(signal.SIGTERM)
         server.wait_for("stopping")
         assert _request(address, "GET", "/v2/health/ready")[0] == 503
@@ -336,19 +344,9 @@ def test_sigterm_drains_http_too(model_repository, gates):
 
 def test_requests_over_the_concurrency_cap_get_429(model_repository, gates):
     """--max-concurrent-rpcs caps HTTP requests too: with one held at the backend, the next gets 429 at once."""
-    import threading
-
     server = gates.server(model_repository, "--backend", "onnx", "--device", "cpu", "--max-concurrent-rpcs", "1").start()
     try:
-        address = f"127.0.0.1:{server.wait_for('listening')['http_port']}"
-        request = json.dumps({"images": [{"pixels": base64.b64encode(bytes(784)).decode()}]}).encode()
-        held: list = []
-        since = len(server.records)
-        gates.hold("infer")
-        thread = threading.Thread(target=lambda: held.append(_request(
-            address, "POST", "/v1/classify", request, {"Content-Type": "application/json"}, timeout=120)))
-        thread.start()
-        gates.wait_held(server, "infer", since=since)
+        address, request, thread, held = _one_held_at_the_backend(server, gates)
         status, headers, body = _request(address, "POST", "/v1/classify", request,
                                          {"Content-Type": "application/json"})
         assert status == 429 and headers.get("Retry-After") == "1"
