@@ -76,7 +76,7 @@ def _logits(api: str, response) -> np.ndarray:
     return tc.InferResult(response).as_numpy("logits")[0]
 
 
-@pytest.mark.parametrize("api", ["kserve", "typed"])
+@pytest.mark.parametrize("api", [pytest.param("kserve", marks=pytest.mark.slow), "typed"])  # the batcher is shared
 def test_concurrent_clients_get_their_answers_alone_while_batches_form(batching_server, helpers, module_gates,
                                                                       model_repository, digits, api):
     # Under load (closed-loop clients in their own processes): every answer is the one the input gets alone, and
@@ -141,6 +141,7 @@ def test_requests_larger_than_the_max_batch_are_split(batching_server, helpers, 
     assert info.dynamic_batching and info.max_batch_size == 16 and info.max_queue_size == 1024
 
 
+@pytest.mark.slow  # its own server and a load run (~2.5 s); the in-process tier covers the batcher's settings
 def test_without_dynamic_batching_each_request_is_one_execution(model_repository, helpers):
     server = helpers.ServerProcess(model_repository, "--backend", "onnx", "--device", "cpu", "--log-level", "info",
                                    "--no-dynamic-batching").start()

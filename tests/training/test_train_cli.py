@@ -61,6 +61,7 @@ def test_a_fresh_run_replaces_an_old_metrics_log(tiny_mnist_root, tmp_path):
 
 # --- every flag takes effect --------------------------------------------------------------------
 
+@pytest.mark.slow  # two training runs (~2 s); the slow suite runs it
 def test_weight_decay_reaches_the_optimizer_and_changes_the_result(tiny_mnist_root, tmp_path):
     """The seed parsed --weight-decay and never used it (docs/architecture.md §6)."""
     runs = {}
@@ -72,6 +73,7 @@ def test_weight_decay_reaches_the_optimizer_and_changes_the_result(tiny_mnist_ro
     assert runs["0"]["config"]["train_args"]["weight_decay"] == 0.0
 
 
+@pytest.mark.slow  # two training runs (~2 s); the slow suite runs it
 def test_momentum_reaches_the_optimizer_and_changes_the_result(tiny_mnist_root, tmp_path):
     """Constant lr: the flag is SGD's momentum. One-cycle (the fast net's default) cycles momentum, and
     the cycle must be centred on the flag rather than on OneCycleLR's own fixed 0.85..0.95."""
