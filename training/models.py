@@ -4,7 +4,7 @@
 - `vis`:   the Fig. 2 net (three stages of [5x5 conv]x2 with 32/64/128 channels + pool; FC 2).
 - `fast`:  a 5-conv 32/64-channel net that trains to >= 99.3% on a 2-core CPU in a few minutes.
 
-Every net has `forward(x, target=None) -> logits` and `embed(x) -> features`; `build_model(name, margin)`
+Every net has `forward(x, target=None) -> logits` (rows past len(target): training negatives) and `embed(x) -> features`; `build_model(name, margin)`
 builds one by name. Inputs are normalised float images [N, 1, 28, 28].
 """
 
@@ -85,11 +85,17 @@ class LSoftmaxNet(nn.Module):
         return self.backbone(x)
 
     def forward(self, x, target=None):
+        """Logits [N, C]. target: the labels of the first len(target) rows (margin logits in training); any rows
+        after them are training negatives, which belong to no class and get the plain logits W.x."""
         features = self.backbone(x)
         # The head runs in fp32 outside autocast: cos(m theta) is a degree-m polynomial that bf16 rounds
         # badly, and under CPU autocast the layer would get bf16 logits beside fp32 margins.
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return self.head(features.float(), target)
+            features = features.float()
+            if target is None or target.shape[0] == features.shape[0]:
+                return self.head(features, target)
+            known = target.shape[0]
+            return torch.cat([self.head(features[:known], target), self.head(features[known:])])
 
 
 def build_model(name: str, margin: int, num_classes: int = 10) -> LSoftmaxNet:

@@ -6,16 +6,21 @@ import argparse
 
 from training.models import MODEL_NAMES
 
-__all__ = ["RECIPES", "PAPER_ITERATIONS", "CAFFE_GAMMA", "MOMENTUM_SWING", "RUNTIME_FLAGS", "positive_int",
+__all__ = ["RECIPES", "ABSENT_FROM_OLD_CHECKPOINTS", "PAPER_ITERATIONS", "CAFFE_GAMMA", "MOMENTUM_SWING", "RUNTIME_FLAGS", "positive_int",
            "non_negative_int", "val_size", "resolve_val_size", "AUTO_VAL_SIZE", "AUTO_VAL_MIN_TRAIN", "get_args_parser", "explicit_flags", "resolve_args"]
 
 # Per-net recipes. `paper` is the authors' MNIST solver: lr 0.1 / 10 at 12k and 15k iterations, stop at 18k
 # (77 epochs of 235 iterations at batch 256). The others are sized for a 2-core CPU.
 RECIPES = {
-    "paper": {"epochs": 77, "batch_size": 256, "lr": 0.1, "lr_schedule": "multistep", "milestones": "12000,15000"},
-    "fast": {"epochs": 2, "batch_size": 128, "lr": 0.1, "lr_schedule": "onecycle", "milestones": ""},
-    "vis": {"epochs": 8, "batch_size": 128, "lr": 0.05, "lr_schedule": "onecycle", "milestones": ""},
+    "paper": {"epochs": 77, "batch_size": 256, "lr": 0.1, "lr_schedule": "multistep", "milestones": "12000,15000",
+              "negatives": "off"},
+    "fast": {"epochs": 2, "batch_size": 128, "lr": 0.1, "lr_schedule": "onecycle", "milestones": "",
+             "negatives": "on"},
+    "vis": {"epochs": 8, "batch_size": 128, "lr": 0.05, "lr_schedule": "onecycle", "milestones": "",
+            "negatives": "off"},
 }
+# What a flag that a checkpoint's train_args lack meant when it was trained: the feature did not exist yet.
+ABSENT_FROM_OLD_CHECKPOINTS = {"negatives": "off"}
 PAPER_ITERATIONS = 18000
 CAFFE_GAMMA = 2.5e-5
 MOMENTUM_SWING = 0.05  # onecycle: momentum runs from --momentum + swing down to - swing and back
@@ -97,6 +102,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "export fits calibration and the open-set threshold on them; 0 = none (best.pt is the final "
                         f"epoch); auto = {AUTO_VAL_SIZE} when the training set has at least {AUTO_VAL_MIN_TRAIN} "
                         "images (MNIST's 60,000), else none")
+    p.add_argument("--negatives", default=None, choices=["on", "off"],
+                   help="outlier exposure: train beside generated non-digits (training.negatives: stroke-font letters "
+                        "and symbols, scribbles, digit fragments) with a uniform target on their plain logits, so "
+                        "that 'not a digit' learns near-unknowns; " + per_net("negatives"))
+    p.add_argument("--negative-ratio", type=float, default=0.25,
+                   help="negatives per digit in each training batch (with --negatives on)")
+    p.add_argument("--negative-weight", type=float, default=0.5,
+                   help="weight of the negatives' uniform-target loss beside the digits' L-Softmax loss")
     p.add_argument("--eval-batch-size", type=positive_int, default=1000, help="batch size for evaluation")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     p.add_argument("--amp", default="auto", choices=["auto", "on", "off"],

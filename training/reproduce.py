@@ -43,13 +43,17 @@ def _read_epochs(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# The paper trained on the digits alone: no outlier exposure unless asked for (a later flag in `extra` wins).
+PAPER_RECIPE_FLAGS = ("--negatives", "off")
+
+
 def _run_one(model: str, margin: int, seed: int, out: Path, extra: list[str], log,
              deadline: float | None = None, env: dict | None = None) -> dict:
     """One training run in a subprocess. Past `deadline` (time.monotonic()) it is stopped, or not
     started, and comes back with finished=False and the epochs it logged; a failed run comes back
     with finished=False and its last line of stderr as "error"."""
     cmd = [sys.executable, "-m", "training", "--model", model, "--margin", str(margin), "--seed", str(seed),
-           "--out", str(out), "--progress", "off", *extra]
+           "--out", str(out), "--progress", "off", *PAPER_RECIPE_FLAGS, *extra]
     result = {"margin": margin, "seed": seed, "out": str(out)}
     if deadline is not None and time.monotonic() >= deadline:
         log(f"skip  m={margin} seed={seed}: time budget spent before it could start")

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from training.checkpoint import CheckpointError, fsync_dir, load_checkpoint
-from training.options import RUNTIME_FLAGS, get_args_parser
+from training.options import ABSENT_FROM_OLD_CHECKPOINTS, RUNTIME_FLAGS, get_args_parser
 
 __all__ = ["load_resume", "truncate_metrics", "replace_text"]
 
@@ -34,7 +34,7 @@ def load_resume(out: Path, args, explicit: set[str] | None = None) -> tuple[dict
     defaults = vars(get_args_parser().parse_args([]))
     if explicit is None:
         explicit = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
-    recorded = {**defaults, **saved}
+    recorded = {**defaults, **ABSENT_FROM_OLD_CHECKPOINTS, **saved}
     conflicts = [f"{_flag_and_value(k, getattr(args, k))} conflicts with the checkpoint's "
                  f"{_flag_and_value(k, recorded[k])}"
                  for k in defaults if k in explicit and k not in RUNTIME_FLAGS and k != "epochs"

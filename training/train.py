@@ -44,6 +44,7 @@ from training.data import MNIST_MEAN, MNIST_STD, Batches, DataError, load_split,
 from training.devices import pick_device
 from training.models import build_model, embedding_dim
 from training.options import explicit_flags, get_args_parser, resolve_args, resolve_val_size
+from training.outlier_exposure import NegativeStream, pool_size, uniform_target_loss
 from training.resume import load_resume, truncate_metrics
 from training.schedules import build_beta, build_lr_scheduler, resume_lr_scheduler
 
@@ -65,20 +66,29 @@ def _check_finite(totals: torch.Tensor, iteration: int, desc: str, optimizer, be
 
 
 def train_one_epoch(model, batches, optimizer, lr_scheduler, beta_schedule, device, amp: bool,
-                    progress: bool, desc: str, channels_last: bool = False) -> dict:
+                    progress: bool, desc: str, channels_last: bool = False, negatives=None,
+                    negative_weight: float = 0.0) -> dict:
     """One pass over `batches`; lr and beta step once per iteration. Returns loss and accuracy
-    measured on the margin logits (what the optimiser sees), summed over all ranks."""
+    measured on the margin logits (what the optimiser sees), summed over all ranks. negatives: an iterator of
+    normalised non-digit batches put after each batch's digits (training.outlier_exposure), their uniform-target
+    loss weighted by negative_weight."""
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     iteration = 0
     for iteration, (images, labels) in enumerate(bar, start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        known = labels.shape[0]
+        if negatives is not None:
+            images = torch.cat([images, next(negatives).to(device, non_blocking=True)])
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
-            logits = model(images, labels)
-        loss = F.cross_entropy(logits.float(), labels)
+            logits = model(images, labels)  # rows past the labels: negatives, plain logits
+        loss = F.cross_entropy(logits[:known].float(), labels)
+        if negatives is not None:
+            loss = loss + negative_weight * uniform_target_loss(logits[known:])
+        logits = logits[:known]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -153,6 +163,8 @@ class _Data:
     test_y: torch.Tensor
     train_count: int
     held_out: dict | None = None
+    negatives: NegativeStream | None = None
+    negatives_record: dict | None = None
 
 
 def _load_data(args, dist_env: distributed.DistEnv, device: torch.device, is_main: bool) -> _Data:
@@ -183,8 +195,32 @@ def _load_data(args, dist_env: distributed.DistEnv, device: torch.device, is_mai
     train = Batches(train_x.to(on), train_y.to(on), args.batch_size // dist_env.world_size, shuffle=True,
                     seed=args.seed, rank=dist_env.rank, world_size=dist_env.world_size)
     val = Batches(val_x.to(on), val_y.to(on), args.eval_batch_size) if args.val_size else None
-    return _Data(train, Batches(test_x.to(on), test_y.to(on), args.eval_batch_size), val, test_x, test_y,
+    data = _Data(train, Batches(test_x.to(on), test_y.to(on), args.eval_batch_size), val, test_x, test_y,
                  len(train_y), held_out)
+    if args.negatives == "on":
+        data.negatives, data.negatives_record = _negative_stream(args, train_x, train_y, len(train), dist_env, on,
+                                                                 is_main)
+    return data
+
+
+def _negative_stream(args, train_x, train_y, batches_per_epoch: int, dist_env, on: torch.device,
+                     is_main: bool) -> tuple[NegativeStream, dict]:
+    """The training negatives (made from this run's training digits only, never the held-out or test ones),
+    per_batch of them beside each batch, and what the checkpoint records of them."""
+    from training.negatives import FAMILIES, negative_images
+
+    if args.negative_ratio <= 0:
+        raise ValueError(f"--negative-ratio must be > 0 with --negatives on, got {args.negative_ratio}")
+    per_batch = max(1, round(args.batch_size // dist_env.world_size * args.negative_ratio))
+    count = pool_size(batches_per_epoch, per_batch * dist_env.world_size)
+    started = time.perf_counter()
+    pool = torch.from_numpy(negative_images(count, args.seed, train_x.numpy(), train_y.numpy()))
+    if is_main:
+        print(f"made {count} training negatives in {time.perf_counter() - started:.1f}s ({per_batch} beside each "
+              f"batch, loss weight {args.negative_weight})", flush=True)
+    record = {"generator": "training.negatives", "count": count, "seed": args.seed, "families": FAMILIES,
+              "per_batch": per_batch, "weight": args.negative_weight, "loss": "uniform target on the plain logits"}
+    return NegativeStream(pool.to(on), per_batch, args.seed, dist_env.rank, dist_env.world_size), record
 
 
 @dataclass
@@ -237,7 +273,7 @@ def held_out_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _run_config(args, device: torch.device, held_out: dict | None = None) -> dict:
+def _run_config(args, device: torch.device, held_out: dict | None = None, negatives: dict | None = None) -> dict:
     """What a checkpoint needs to rebuild and describe the net (export reads it). held_out: which training images
     were held out (None: none were), what export fits calibration and the open-set threshold on."""
     return {
@@ -248,6 +284,7 @@ def _run_config(args, device: torch.device, held_out: dict | None = None) -> dic
         "train_args": {k: v for k, v in vars(args).items()},
         "evaluated_on": device.type,  # another device's float32 arithmetic may flip a borderline image or two
         "held_out": held_out,
+        "negatives": negatives,  # what the net was shown as not a digit (None: digits only)
     }
 
 
@@ -312,7 +349,7 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
         truncate_metrics(out / "metrics.jsonl", trainer.start_epoch - 1)
         print(f"resuming {out / 'last.pt'} at epoch {trainer.start_epoch}/{args.epochs}", flush=True)
     train_model = distributed.wrap(trainer.model, dist_env)
-    config = _run_config(args, device, data.held_out)
+    config = _run_config(args, device, data.held_out, data.negatives_record)
     if is_main:
         print(f"training {args.model} m={args.margin} on {device} ({dist_env.world_size} process(es)): "
               f"{data.train_count} train / {len(data.test_y)} test images"
@@ -322,11 +359,16 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
     final = None
     for epoch in range(trainer.start_epoch, args.epochs + 1):
         data.train.epoch = epoch
+        negatives = None
+        if data.negatives is not None:
+            data.negatives.epoch = epoch
+            negatives = data.negatives.batches()
         started = time.perf_counter()
         lr, beta = trainer.optimizer.param_groups[0]["lr"], trainer.beta_schedule.current
         train_stats = train_one_epoch(train_model, data.train, trainer.optimizer, trainer.lr_scheduler,
                                       trainer.beta_schedule, device, amp, progress, f"epoch {epoch}/{args.epochs}",
-                                      trainer.channels_last)
+                                      trainer.channels_last, negatives=negatives,
+                                      negative_weight=args.negative_weight)
         test_stats = evaluate(trainer.model, data.test, device, trainer.channels_last)
         final = {"epoch": epoch, "lr": lr, "beta": beta, "train_loss": train_stats["loss"],
                  "train_acc": train_stats["acc"], "test_loss": test_stats["loss"], "test_acc": test_stats["acc"]}
