@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from export.open_set import DEFAULT_ACCEPT_RATE, DEFAULT_DETECTOR, IN_GRAPH
+from export.detectors import DEFAULT_DETECTOR, IN_GRAPH
+from export.open_set import DEFAULT_ACCEPT_RATE
 from export.repository import ExportError, export_repository
 from export.verify import ParityError
 from training.checkpoint import CheckpointError
@@ -27,7 +28,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="torchvision-layout MNIST root to verify on")
     p.add_argument("--cache-dir", default=None, help="MNIST cache root")
     p.add_argument("--detector", default=DEFAULT_DETECTOR, choices=IN_GRAPH,
-                   help="the open-set score the graphs compute as known_score (higher = more digit-like)")
+                   help="the open-set score the graphs compute as known_score (higher = more digit-like; "
+                        "export.detectors describes each)")
     p.add_argument("--accept-rate", type=float, default=DEFAULT_ACCEPT_RATE,
                    help="known_score threshold: the one accepting this fraction of the held-out digits")
     p.add_argument("--fit-on-training-images", action="store_true",

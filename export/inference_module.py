@@ -4,11 +4,8 @@ In eval mode L-Softmax is a bias-free linear map (the margin only ever touched t
 training), so the served graph is backbone -> nn.Linear(W, bias=False). The pixel normalisation
 (x / 255 - mean) / std is folded in front as one affine map, so every runtime gets the same answer
 from the same raw pixels. `known_score` (higher = more digit-like) is the open-set detector the export chose
-(export.open_set), computed inside the graph so Triton and KServe users get it too: max cosine between the
-embedding and the class weights; the negated class-conditional Mahalanobis distance of the embedding with a
-shared covariance (Lee et al. 2018); or that distance at every stage of the net (the channel means after each
-pooling stage, and the embedding), each standardised by its spread on held-out digits and summed, which sees
-what the embedding alone has squeezed out (texture, stroke statistics, blank pages).
+(export.detectors builds its module), computed inside the graph so Triton and KServe users get it too; the
+backbone runs as its stages in turn so that detectors can read the channel means after each pooling stage.
 """
 
 from __future__ import annotations
@@ -19,86 +16,15 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-__all__ = ["InferenceModule", "build_inference_module", "MaxCosine", "Mahalanobis", "MultiLayerMahalanobis",
-           "scorer", "split_stages", "stage_features"]
+from export.detectors import UNFITTED_DETECTOR, Features, Head, get
+
+__all__ = ["InferenceModule", "build_inference_module", "split_stages", "stage_features", "graph_features"]
 
 
 # Ink below this many full-white pixels' worth is not a digit: every MNIST training digit has at least 19.9
 # (measured over the 60,000), an all-black page 0, a 2x2 dot 4. Such inputs get NO_INK_SCORE as known_score.
 MIN_INK = 10.0
 NO_INK_SCORE = -1.0e6
-
-
-class MaxCosine(nn.Module):
-    """max_c cos(embedding, W_c): the angle L-Softmax's margin acts on (no fitted parameters)."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("unit_weight", weight.detach().float() / weight.detach().float().norm(dim=1, keepdim=True)
-                             .clamp_min(1e-12))
-
-    def forward(self, logits: torch.Tensor, embedding: torch.Tensor, taps: List[torch.Tensor]) -> torch.Tensor:
-        norm = torch.sqrt((embedding * embedding).sum(dim=1, keepdim=True)).clamp_min(1e-12)
-        cos = torch.matmul(embedding / norm, self.unit_weight.t())
-        return cos.max(dim=1)[0]
-
-
-class Mahalanobis(nn.Module):
-    """-min_c (x - mu_c)^T P (x - mu_c) with P = L L^T (a shared, shrunk precision), as -||xL - mu_c L||^2."""
-
-    def __init__(self, means: torch.Tensor, precision_factor: torch.Tensor) -> None:
-        super().__init__()
-        factor = precision_factor.detach().float()
-        projected = means.detach().float() @ factor
-        self.register_buffer("factor", factor)
-        self.register_buffer("projected_means", projected)
-
-    def distance(self, features: torch.Tensor) -> torch.Tensor:
-        """min_c of the squared Mahalanobis distance to the class means, [N]."""
-        # Differences, not ||z||^2 - 2 z.m + ||m||^2: the expansion cancels catastrophically in float32.
-        diff = torch.matmul(features, self.factor).unsqueeze(1) - self.projected_means.unsqueeze(0)
-        return (diff * diff).sum(dim=2).min(dim=1)[0]
-
-    def forward(self, logits: torch.Tensor, embedding: torch.Tensor, taps: List[torch.Tensor]) -> torch.Tensor:
-        return -self.distance(embedding)
-
-
-class MultiLayerMahalanobis(nn.Module):
-    """-sum_l (d_l - center_l) / scale_l over the stage taps and the embedding, d_l each one's Mahalanobis distance
-    (fitted as Mahalanobis is), center/scale its median and spread on held-out digits so that no layer dominates."""
-
-    def __init__(self, layers: list[dict]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(Mahalanobis(torch.as_tensor(f["means"]), torch.as_tensor(f["precision_factor"]))
-                                    for f in layers)
-        self.register_buffer("center", torch.tensor([float(f["center"]) for f in layers], dtype=torch.float32))
-        self.register_buffer("inverse_scale", torch.tensor([1.0 / float(f["scale"]) for f in layers],
-                                                           dtype=torch.float32))
-
-    def forward(self, logits: torch.Tensor, embedding: torch.Tensor, taps: List[torch.Tensor]) -> torch.Tensor:
-        features = taps + [embedding]
-        total = torch.zeros_like(embedding[:, 0])
-        for i, layer in enumerate(self.layers):
-            total = total + (layer.distance(features[i]) - self.center[i]) * self.inverse_scale[i]
-        return -total
-
-
-def scorer(detector: str, weight: torch.Tensor, fitted: dict | None = None) -> nn.Module:
-    """The known_score module for a detector name; fitted: {"means", "precision_factor"} for mahalanobis,
-    {"layers": [{"means", "precision_factor", "center", "scale"}, ...]} (taps first, embedding last) for
-    multilayer_mahalanobis."""
-    if detector == "max_cosine":
-        return MaxCosine(weight)
-    if detector == "mahalanobis":
-        if not fitted:
-            raise ValueError("the mahalanobis detector needs fitted class means and a precision factor")
-        return Mahalanobis(torch.as_tensor(fitted["means"]), torch.as_tensor(fitted["precision_factor"]))
-    if detector == "multilayer_mahalanobis":
-        if not fitted or not fitted.get("layers"):
-            raise ValueError("the multilayer_mahalanobis detector needs fitted layers")
-        return MultiLayerMahalanobis(fitted["layers"])
-    raise ValueError(f"unknown in-graph detector {detector!r}; expected max_cosine, mahalanobis or "
-                     "multilayer_mahalanobis")
 
 
 def split_stages(backbone: nn.Sequential) -> list[nn.Sequential]:
@@ -121,6 +47,17 @@ def stage_features(module: "InferenceModule", image: torch.Tensor) -> list[torch
     return taps + [embedding]
 
 
+@torch.no_grad()
+def graph_features(module: "InferenceModule", images: torch.Tensor, batch_size: int = 1000) -> Features:
+    """What the detectors read, as the graph computes it (logits, embedding, stage taps), over images, batched."""
+    parts = []
+    for start in range(0, len(images), batch_size):
+        *taps, embedding = stage_features(module, images[start:start + batch_size])
+        parts.append([module.classifier(embedding), embedding, *taps])
+    columns = [torch.cat(column).numpy() for column in zip(*parts)]
+    return Features(columns[0], columns[1], tuple(columns[2:]))
+
+
 class InferenceModule(nn.Module):
     """image uint8 [N, 1, 28, 28] -> (logits fp32 [N, C], embedding fp32 [N, D], known_score fp32 [N])."""
 
@@ -135,7 +72,8 @@ class InferenceModule(nn.Module):
         # (x * scale - mean) / std == x * gain + offset
         self.register_buffer("gain", torch.tensor(scale / std, dtype=torch.float32))
         self.register_buffer("offset", torch.tensor(-mean / std, dtype=torch.float32))
-        self.known_score = known_score if known_score is not None else MaxCosine(weight)
+        self.known_score = known_score if known_score is not None else get(UNFITTED_DETECTOR).module(
+            {}, Head(weight.detach().numpy()))
         self.register_buffer("min_ink", torch.tensor(MIN_INK, dtype=torch.float32))
         self.register_buffer("no_ink_score", torch.tensor(NO_INK_SCORE, dtype=torch.float32))
         self.requires_grad_(False)  # an inference graph: no autograd bookkeeping in any runtime
@@ -161,10 +99,10 @@ class InferenceModule(nn.Module):
         return logits, embedding, torch.where(ink >= self.min_ink, score, self.no_ink_score.expand_as(score))
 
 
-def build_inference_module(model: nn.Module, normalization: dict, detector: str = "max_cosine",
-                           fitted: dict | None = None) -> InferenceModule:
-    """Fold a trained LSoftmaxNet (backbone + LSoftmaxLinear head) into an InferenceModule whose known_score is
-    `detector` (fitted: its parameters, for mahalanobis)."""
+def build_inference_module(model: nn.Module, normalization: dict, detector: str = UNFITTED_DETECTOR,
+                           fitted: dict | None = None, temperature: float = 1.0) -> InferenceModule:
+    """Fold a trained LSoftmaxNet (backbone + LSoftmaxLinear head) into an InferenceModule whose known_score is the
+    registered `detector` (export.detectors) with its fitted parameters, at the calibrated temperature."""
     weight = model.head.weight.detach()
     return InferenceModule(
         model.backbone,
@@ -172,5 +110,5 @@ def build_inference_module(model: nn.Module, normalization: dict, detector: str 
         float(normalization.get("scale", 1.0 / 255.0)),
         float(normalization["mean"]),
         float(normalization["std"]),
-        scorer(detector, weight, fitted),
+        get(detector).module(fitted or {}, Head(weight.numpy(), temperature)),
     )

@@ -15,9 +15,9 @@ import torch
 
 from export.graphs import load_onnx_session, load_torchscript
 from export.inference_module import build_inference_module
-from export.repository import ExportError, export_repository, sha256_file
+from export.repository import ExportError, export_repository
 from training.checkpoint import load_checkpoint, rebuild_model
-from training.data import normalize
+from training.data import normalize, sha256_file
 from support import synthetic_digits
 
 ONNX_DIR = "lsoftmax_mnist_onnx"
@@ -155,7 +155,7 @@ def test_config_pbtxt_is_written_through_model_config(repo, model_dir):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from export.repository import config_parameters
+    from export.writer import config_parameters
     from serving.repository.config import config_text, model_config
     from serving.repository.format import BY_BACKEND
 
@@ -184,13 +184,13 @@ def test_private_model_config_schema_is_the_generated_stubs():
 
 
 def test_failed_export_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch):
-    import export.repository as repository
+    import export.writer as writer
     from export.verify import ParityError
 
     def broken(*args, **kwargs):
         raise ParityError("simulated disagreement")
 
-    monkeypatch.setattr(repository, "check_parity", broken)
+    monkeypatch.setattr(writer, "check_parity", broken)
     images, labels = _synthetic(16)
     with pytest.raises(ParityError):
         export_repository(tiny_checkpoint, tmp_path / "repo", images=images, labels=labels, log=lambda *_: None)
@@ -201,15 +201,15 @@ def test_repository_is_world_readable_whatever_the_umask(tmp_path, tiny_checkpoi
     """The serving image reads the repository as another user: every folder 0755 and every file 0644, set outright
     (mkdtemp makes the top folder 0700; under umask 077 everything would be private), before the rename into
     place, which is followed by an fsync of the parent folder."""
-    import export.repository as repository
+    import export.publish as publish
 
-    out, synced, real = tmp_path / "repo", [], repository.fsync_dir
+    out, synced, real = tmp_path / "repo", [], publish.fsync_dir
 
     def fsync_dir(path):
         synced.append((Path(path), out.exists()))
         real(path)
 
-    monkeypatch.setattr(repository, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(publish, "fsync_dir", fsync_dir)
     images, labels = _synthetic(16)
     umask = os.umask(0o077)
     try:
@@ -332,7 +332,7 @@ def test_parity_problems_name_top1_disagreements():
     ({"train_args": {"device": "auto"}}, 11, False),
 ])
 def test_exported_accuracy_must_match_the_checkpoint_within_the_devices_slack(config, off_by_images, ok):
-    from export.repository import accuracy_mismatch
+    from export.verify import accuracy_mismatch
 
     recorded = 99.47
     got = recorded - off_by_images * 100.0 / 10_000
@@ -346,6 +346,7 @@ def test_exported_accuracy_must_match_the_checkpoint_within_the_devices_slack(co
                                       pytest.param("mahalanobis", marks=pytest.mark.slow)])  # ~10 s each
 def test_fitted_export_records_temperature_and_threshold_and_graphs_agree(tmp_path, tiny_checkpoint, detector):
     from export import open_set
+    from export.detectors import get
 
     images, labels = synthetic_digits(64, seed=5)
     images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
@@ -370,7 +371,7 @@ def test_fitted_export_records_temperature_and_threshold_and_graphs_agree(tmp_pa
         assert manifest["parity"]["batches"]["full"][runtime]["known_score"] <= 1e-4 * max(
             1.0, manifest["parity"]["batches"]["full"][runtime]["known_score_scale"])
     known = load_onnx_session(out / ONNX_DIR / "1" / "model.onnx").run(["known_score"], {"image": images.numpy()})[0]
-    rows = np.arange(64) if detector == "max_cosine" else np.arange(1, 64, 2)  # mahalanobis*: thresholded on odd rows
+    rows = get(detector).split_rows(64)["threshold"]  # mahalanobis*: the odd rows, max_cosine: all of them
     assert (known[rows] >= record["threshold"] - 1e-5 * max(1.0, abs(record["threshold"]))).mean() >= 0.9
     if detector == "max_cosine":
         logits, embedding = load_onnx_session(out / ONNX_DIR / "1" / "model.onnx").run(
@@ -381,9 +382,10 @@ def test_fitted_export_records_temperature_and_threshold_and_graphs_agree(tmp_pa
 
 
 def test_multilayer_mahalanobis_in_the_graph_is_the_numpy_reference(tiny_checkpoint):
-    """The graph's known_score (eager, as exported) is open_set.multilayer_mahalanobis on the stage taps + embedding,
-    and the taps are the channel means after each pooling stage."""
+    """The graph's known_score (eager, as exported) is the numpy multilayer_mahalanobis on the stage taps +
+    embedding, and the taps are the channel means after each pooling stage."""
     from export import open_set
+    from export.detectors.mahalanobis import fit_multilayer_mahalanobis, mahalanobis_distance, multilayer_mahalanobis
     from export.inference_module import stage_features
 
     ckpt = load_checkpoint(tiny_checkpoint)
@@ -399,19 +401,19 @@ def test_multilayer_mahalanobis_in_the_graph_is_the_numpy_reference(tiny_checkpo
         assert np.allclose(features[0], net.backbone[:first + 1](x).mean(dim=(2, 3)).numpy(), atol=1e-5)
         assert np.allclose(features[-1], net.embed(x).numpy(), atol=1e-5)
     y = labels.numpy()
-    fitted = open_set.fit_multilayer_mahalanobis([f[0::2] for f in features], y[0::2],
-                                                 [f[1::2] for f in features], 10)
+    fitted = fit_multilayer_mahalanobis([f[0::2] for f in features], y[0::2], [f[1::2] for f in features], 10)
     for layer, f in zip(fitted["layers"], features):  # standardised on the spread rows: median 0, spread 1 there
-        d = (open_set.mahalanobis_distance(f[1::2], layer) - layer["center"]) / layer["scale"]
+        d = (mahalanobis_distance(f[1::2], layer) - layer["center"]) / layer["scale"]
         assert abs(np.median(d)) < 1e-9 and np.std(d) == pytest.approx(1.0)
     module = build_inference_module(net, ckpt["config"]["normalization"], detector="multilayer_mahalanobis",
                                     fitted=fitted)
     with torch.no_grad():
         known = module(images)[2].numpy().astype(np.float64)
-    reference = open_set.multilayer_mahalanobis(features, fitted)
+    reference = multilayer_mahalanobis(features, fitted)
     assert np.allclose(known, reference, rtol=1e-4, atol=1e-3 * max(1.0, float(np.abs(reference).max())))
-    with pytest.raises(ValueError, match="stage"):
-        open_set.score("multilayer_mahalanobis", None, None, None)
+    with pytest.raises(ValueError, match="stage"):  # the evaluation's by-name score has no taps to give it
+        open_set.score("multilayer_mahalanobis", features[-1] @ np.zeros((128, 10)), features[-1], np.ones((10, 128)),
+                       fitted=fitted)
 
 
 def test_checkpoint_without_held_out_is_exported_unfitted_and_says_so(tmp_path, tiny_checkpoint):

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from export.repository import ExportError, export_repository, sha256_file
+from export.repository import ExportError, export_repository
 from serving.repository.format import ONNX_INT8_MODEL
 from support import synthetic_digits
+from training.data import sha256_file
 
 ONNX_DIR = "lsoftmax_mnist_onnx"
 
