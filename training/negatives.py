@@ -16,7 +16,9 @@ digits were (longer side 20 px, centre of mass at the centre of 28x28) with vari
 - **hard negatives from digits**: part of a digit (cut along a line through its centre of mass), two digits of
   different classes overlapped, a digit cut in two with one half shifted sideways.
 
-Deterministic for a seed. The pool is made from the training digits only, never the held-out or test images.
+Deterministic for a seed. Training makes its pool from the run's training digits; the export's learned detector
+(export/detectors/learned.py) makes its own, with another seed, from the held-out digits it fits statistics on.
+Neither ever sees a test image or an evaluation font.
 """
 
 from __future__ import annotations
@@ -227,7 +229,7 @@ def digit_fragments(n: int, rng: np.random.Generator, digits: np.ndarray, labels
 
 def negative_images(count: int, seed: int, digits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """`count` training negatives (uint8 [count, 1, 28, 28]) in FAMILIES' shares, shuffled; the same for the same
-    seed and digits. digits/labels: training digits (never held-out or test ones) for the hard negatives."""
+    seed and digits. digits/labels: the digits to make the hard negatives from (never test images)."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     digits, labels = np.asarray(digits), np.asarray(labels)
