@@ -16,6 +16,15 @@ def test_layer_bench_rows_have_ratios():
     assert rows[0]["margin"] == 2 and rows[0]["vs_plain"] > 0 and "vs_pml" not in rows[0]
 
 
+def test_negatives_bench_reports_the_step_and_run_ratios(capsys):
+    from bench import train_negatives
+
+    assert train_negatives.main(["--batch-size", "8", "--iters", "1", "--repeats", "1", "--pool", "6",
+                                 "--iterations", "3", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 8 + 2 negatives" in out and "pool: 6 negatives" in out and "x)" in out
+
+
 @pytest.mark.slow  # long end to end; `make test-slow`
 def test_train_bench_runs(capsys):
     assert bench_train.main(["--nets", "fast,vis", "--batch-size", "4", "--iters", "1", "--repeats", "1"]) == 0
