@@ -13,10 +13,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # One small run: 128 train images at batch 64 = 2 iterations per epoch. Digits only: the training negatives have
 # tests of their own (test_train_negatives.py).
 SMALL = ["--model", "fast", "--margin", "2", "--epochs", "1", "--batch-size", "64",
-         "--train-subset", "128", "--test-subset", "64", "--negatives", "off"]
+         "--train-subset", "128", "--test-subset", "64", "--negatives", "off",
+         "--capture-augment", "off"]
 # The run that the resume test interrupts: 256 images, 4 iterations x 3 epochs.
 THREE_EPOCHS = ["--model", "fast", "--margin", "3", "--epochs", "3", "--batch-size", "64",
-                "--train-subset", "256", "--test-subset", "128", "--seed", "5", "--negatives", "off"]
+                "--train-subset", "256", "--test-subset", "128", "--seed", "5", "--negatives", "off",
+                "--capture-augment", "off"]
 
 
 def train(root, out, *flags):

@@ -13,14 +13,14 @@ __all__ = ["RECIPES", "ABSENT_FROM_OLD_CHECKPOINTS", "PAPER_ITERATIONS", "CAFFE_
 # (77 epochs of 235 iterations at batch 256). The others are sized for a 2-core CPU.
 RECIPES = {
     "paper": {"epochs": 77, "batch_size": 256, "lr": 0.1, "lr_schedule": "multistep", "milestones": "12000,15000",
-              "negatives": "off"},
+              "negatives": "off", "capture_augment": "off"},
     "fast": {"epochs": 2, "batch_size": 128, "lr": 0.1, "lr_schedule": "onecycle", "milestones": "",
-             "negatives": "on"},
+             "negatives": "on", "capture_augment": "on"},
     "vis": {"epochs": 8, "batch_size": 128, "lr": 0.05, "lr_schedule": "onecycle", "milestones": "",
-            "negatives": "off"},
+            "negatives": "off", "capture_augment": "off"},
 }
 # What a flag that a checkpoint's train_args lack meant when it was trained: the feature did not exist yet.
-ABSENT_FROM_OLD_CHECKPOINTS = {"negatives": "off"}
+ABSENT_FROM_OLD_CHECKPOINTS = {"negatives": "off", "capture_augment": "off"}
 PAPER_ITERATIONS = 18000
 CAFFE_GAMMA = 2.5e-5
 MOMENTUM_SWING = 0.05  # onecycle: momentum runs from --momentum + swing down to - swing and back
@@ -110,6 +110,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="negatives per digit in each training batch (with --negatives on)")
     p.add_argument("--negative-weight", type=float, default=0.5,
                    help="weight of the negatives' uniform-target loss beside the digits' L-Softmax loss")
+    p.add_argument("--capture-augment", default=None, choices=["on", "off"],
+                   help="soften training images (digits and negatives) as photos and scans leave them: blur and "
+                        "stroke gamma at random (training.augment), so that 'not a digit' is about shape, not "
+                        "texture; " + per_net("capture_augment"))
     p.add_argument("--eval-batch-size", type=positive_int, default=1000, help="batch size for evaluation")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     p.add_argument("--amp", default="auto", choices=["auto", "on", "off"],

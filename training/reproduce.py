@@ -44,7 +44,7 @@ def _read_epochs(out: Path) -> list[dict]:
 
 
 # The paper trained on the digits alone: no outlier exposure unless asked for (a later flag in `extra` wins).
-PAPER_RECIPE_FLAGS = ("--negatives", "off")
+PAPER_RECIPE_FLAGS = ("--negatives", "off", "--capture-augment", "off")
 
 
 def _run_one(model: str, margin: int, seed: int, out: Path, extra: list[str], log,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import distributed
+from training.augment import capture_like
 from training.checkpoint import CheckpointError, save_checkpoint
 from training.data import MNIST_MEAN, MNIST_STD, Batches, DataError, load_split, prepare_mnist
 from training.devices import pick_device
@@ -67,11 +69,12 @@ def _check_finite(totals: torch.Tensor, iteration: int, desc: str, optimizer, be
 
 def train_one_epoch(model, batches, optimizer, lr_scheduler, beta_schedule, device, amp: bool,
                     progress: bool, desc: str, channels_last: bool = False, negatives=None,
-                    negative_weight: float = 0.0) -> dict:
+                    negative_weight: float = 0.0, augment=None) -> dict:
     """One pass over `batches`; lr and beta step once per iteration. Returns loss and accuracy
     measured on the margin logits (what the optimiser sees), summed over all ranks. negatives: an iterator of
     normalised non-digit batches put after each batch's digits (training.outlier_exposure), their uniform-target
-    loss weighted by negative_weight."""
+    loss weighted by negative_weight. augment: normalised batch -> normalised batch, applied to digits and
+    negatives together (training.augment)."""
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
@@ -81,6 +84,8 @@ def train_one_epoch(model, batches, optimizer, lr_scheduler, beta_schedule, devi
         known = labels.shape[0]
         if negatives is not None:
             images = torch.cat([images, next(negatives).to(device, non_blocking=True)])
+        if augment is not None:
+            images = augment(images)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
@@ -359,7 +364,9 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
     final = None
     for epoch in range(trainer.start_epoch, args.epochs + 1):
         data.train.epoch = epoch
-        negatives = None
+        negatives = augment = None
+        if args.capture_augment == "on":  # draws seeded per epoch: a resumed run softens the same images alike
+            augment = functools.partial(capture_like, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
         if data.negatives is not None:
             data.negatives.epoch = epoch
             negatives = data.negatives.batches()
@@ -368,7 +375,7 @@ def run(args: argparse.Namespace, explicit: set[str] | None = None) -> dict:
         train_stats = train_one_epoch(train_model, data.train, trainer.optimizer, trainer.lr_scheduler,
                                       trainer.beta_schedule, device, amp, progress, f"epoch {epoch}/{args.epochs}",
                                       trainer.channels_last, negatives=negatives,
-                                      negative_weight=args.negative_weight)
+                                      negative_weight=args.negative_weight, augment=augment)
         test_stats = evaluate(trainer.model, data.test, device, trainer.channels_last)
         final = {"epoch": epoch, "lr": lr, "beta": beta, "train_loss": train_stats["loss"],
                  "train_acc": train_stats["acc"], "test_loss": test_stats["loss"], "test_acc": test_stats["acc"]}

@@ -120,3 +120,21 @@ def test_negatives_after_the_labelled_rows_get_plain_logits_and_the_digits_their
     assert torch.allclose(logits[4:], F.linear(features[4:], net.head.weight), atol=1e-5)
     assert torch.allclose(logits[:4], net.head(features[:4], labels), atol=1e-5)
     assert not torch.allclose(logits[:4], F.linear(features[:4], net.head.weight), atol=1e-3)
+
+
+def test_capture_like_softens_at_random_keeps_white_and_repeats_for_a_seed():
+    from training.augment import capture_like
+    from training.data import normalize
+
+    images = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    images[:, :, 6:22, 12:16] = 255  # a crisp bar
+    x = normalize(images)
+    a = capture_like(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, capture_like(x, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, capture_like(x, torch.Generator().manual_seed(2)))
+    white = x.max()
+    assert torch.allclose(a.amax(dim=(1, 2, 3)), white.expand(64), atol=1e-5)  # the brightest pixel stays white
+    changed = (a - x).abs().amax(dim=(1, 2, 3)) > 1e-4
+    assert 0 < changed.sum() < 64  # about three in four are softened, the rest untouched
+    edge = a[:, 0, 14, 11]  # just outside the bar: only a blur puts ink there
+    assert (edge > x[:, 0, 14, 11] + 1e-3).any()

@@ -10,7 +10,7 @@ from training.options import get_args_parser, resolve_args
 from training.reproduce import PAPER_RECIPE_FLAGS
 from train_support import SMALL, assert_one_line_error, last, metrics, train  # noqa: F401
 
-WITH_NEGATIVES = [*SMALL[:-2], "--negatives", "on"]  # SMALL ends with --negatives off
+WITH_NEGATIVES = [*SMALL, "--negatives", "on"]  # the later flag wins
 THREE = ["--model", "fast", "--margin", "3", "--epochs", "3", "--batch-size", "64", "--train-subset", "256",
          "--test-subset", "64", "--seed", "2", "--negatives", "on"]
 
@@ -20,7 +20,7 @@ def test_the_fast_recipe_trains_with_negatives_and_the_paper_recipe_without():
     assert resolve_args(parser.parse_args(["--model", "fast"])).negatives == "on"
     assert resolve_args(parser.parse_args(["--model", "paper"])).negatives == "off"
     assert resolve_args(parser.parse_args(["--model", "fast", "--negatives", "off"])).negatives == "off"
-    assert PAPER_RECIPE_FLAGS == ("--negatives", "off")
+    assert PAPER_RECIPE_FLAGS == ("--negatives", "off", "--capture-augment", "off")
 
 
 def test_a_run_with_negatives_records_them_and_one_without_records_none(tiny_mnist_root, tmp_path, capsys):
