@@ -12,14 +12,16 @@ from train_support import SMALL, assert_one_line_error, last, metrics, train  # 
 
 WITH_NEGATIVES = [*SMALL, "--negatives", "on"]  # the later flag wins
 THREE = ["--model", "fast", "--margin", "3", "--epochs", "3", "--batch-size", "64", "--train-subset", "256",
-         "--test-subset", "64", "--seed", "2", "--negatives", "on"]
+         "--test-subset", "64", "--seed", "2", "--negatives", "on", "--capture-augment", "on"]
 
 
-def test_the_fast_recipe_trains_with_negatives_and_the_paper_recipe_without():
+def test_negatives_are_opt_in_and_the_reproduction_turns_them_off():
     parser = get_args_parser()
-    assert resolve_args(parser.parse_args(["--model", "fast"])).negatives == "on"
-    assert resolve_args(parser.parse_args(["--model", "paper"])).negatives == "off"
-    assert resolve_args(parser.parse_args(["--model", "fast", "--negatives", "off"])).negatives == "off"
+    for net in ("fast", "paper", "vis"):
+        args = resolve_args(parser.parse_args(["--model", net]))
+        assert (args.negatives, args.capture_augment) == ("off", "off")
+    args = resolve_args(parser.parse_args(["--model", "fast", "--negatives", "on", "--capture-augment", "on"]))
+    assert (args.negatives, args.capture_augment) == ("on", "on")
     assert PAPER_RECIPE_FLAGS == ("--negatives", "off", "--capture-augment", "off")
 
 
