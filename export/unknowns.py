@@ -30,11 +30,13 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from training.negatives import frame_like_mnist  # the one MNIST framing of rendered ink (training and evaluation)
+
 from export.debian import FETCH_ERRORS, fetch_package_files, sha256
 
 __all__ = ["SYNTHETIC_SETS", "FONT_SETS", "CHARACTER_SETS", "LETTERS", "GREEK", "DEVANAGARI", "LOOKALIKES",
            "Rendered", "unknown_sets", "character_sets", "uniform_noise", "gaussian_noise", "blank", "letters",
-           "render_characters", "is_lookalike", "fashion_mnist", "frame_mnist", "FASHION_FILES"]
+           "render_characters", "is_lookalike", "fashion_mnist", "FASHION_FILES"]
 
 SYNTHETIC_SETS = ("uniform_noise", "gaussian_noise", "blank", "letters")
 FONT_SETS = ("handwritten_letters", "greek", "devanagari")  # drawn in Debian's fonts (export.unknown_fonts)
@@ -102,29 +104,6 @@ def blank(n: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def frame_mnist(ink: np.ndarray) -> np.ndarray:
-    """A float ink image (white on black) framed as MNIST: bounding box scaled to a 20 px longer side,
-    centre of mass moved to the centre of a 28x28 field; uint8 [28, 28] (all zero when there is no ink)."""
-    from PIL import Image
-    from scipy import ndimage
-
-    rows, cols = np.nonzero(ink > 0.05 * ink.max()) if ink.max() > 0 else ((), ())
-    if len(rows) == 0:
-        return np.zeros((28, 28), np.uint8)
-    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    h, w = crop.shape
-    scale = 20.0 / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = np.asarray(Image.fromarray((255 * crop / crop.max()).astype(np.uint8)).resize(size, Image.LANCZOS),
-                       np.float64)
-    field = np.zeros((28, 28))
-    top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
-    field[top:top + size[1], left:left + size[0]] = small
-    cy, cx = ndimage.center_of_mass(field)
-    field = ndimage.shift(field, (13.5 - cy, 13.5 - cx), order=1, mode="constant")
-    return np.clip(field, 0, 255).round().astype(np.uint8)
-
-
 def _fonts() -> list[Path]:
     """The DejaVu fonts matplotlib ships (Display left out: a few glyphs only)."""
     import matplotlib
@@ -168,7 +147,7 @@ def render_characters(n: int, rng: np.random.Generator, chars: str,
         canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR)
         if rng.random() < 0.5:
             canvas = canvas.filter(ImageFilter.MaxFilter(3))  # bolder stroke, as a pen's
-        out[i, 0] = frame_mnist(np.asarray(canvas, np.float64))
+        out[i, 0] = frame_like_mnist(np.asarray(canvas, np.float64))
     return out, characters
 
 

@@ -10,7 +10,7 @@ digits were (longer side 20 px, centre of mass at the centre of 28x28) with vari
   fonts (astrology, markers, music, meteorology, symbolic). Its Greek, Cyrillic and Japanese fonts are left out, so
   that another script stays an honest held-out test, and so are the characters shaped like a digit
   (DIGIT_SHAPED: an `l` *is* a `1` in a stroke font, and teaching the net to refuse it would refuse digits).
-  Evaluation renders letters in other fonts (export.unknowns); nothing here is used there.
+  Evaluation renders letters in other fonts (export.unknowns); it shares only frame_like_mnist with this module.
 - **strokes and scribbles**: random Bezier curves, zigzags, spirals, hatching, crosses and stars, two or more
   strokes each (one straight stroke is a `1`, one closed loop a `0`).
 - **hard negatives from digits**: part of a digit (cut along a line through its centre of mass), two digits of
