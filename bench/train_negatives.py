@@ -1,9 +1,9 @@
-"""What the training negatives cost the default recipe: training steps with and without them, and making the pool.
+"""What the training negatives (with the capture augmentation) cost the fast recipe: training steps with and without them, and making the pool.
 
     python -m bench.train_negatives [--margin 4 --batch-size 128 --ratio 0.25 --iters 10 --repeats 5 --pool 2000]
 
-A step is what training.train does per iteration: forward (L-Softmax margin logits for the digits; plain logits
-for the negatives after them), loss (plus the negatives' uniform-target loss), backward, SGD update, channels_last
+A step is what training.train does per iteration: the capture augmentation (with negatives), forward (L-Softmax
+margin logits for the digits; plain logits for the negatives after them), loss (plus the negatives' uniform-target loss), backward, SGD update, channels_last
 as the recipe trains. The two steps are interleaved round-robin in one process (this machine is shared and noisy)
 and their median times compared; making the pool is timed on `--pool` images and scaled to the run's. The whole
 run's ratio adds the pool to the steps of the run (`--epochs` x `--iterations`); evaluation, the same in both,
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.augment import capture_like
 from training.models import build_model
 from training.negatives import negative_images
 from training.outlier_exposure import pool_size, uniform_target_loss
@@ -27,9 +28,10 @@ from training.outlier_exposure import pool_size, uniform_target_loss
 
 def _step_fn(net, with_negatives: int):
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(0)
 
     def step(x, y, negatives):
-        batch = torch.cat([x, negatives]) if with_negatives else x
+        batch = capture_like(torch.cat([x, negatives]), generator) if with_negatives else x
         logits = net(batch.contiguous(memory_format=torch.channels_last), y)
         loss = F.cross_entropy(logits[:len(y)], y)
         if with_negatives:
