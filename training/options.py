@@ -20,7 +20,7 @@ RECIPES = {
             "negatives": "off", "capture_augment": "off"},
 }
 # Outlier exposure (--negatives, --capture-augment) is off in every recipe for now: with it the fast net rejects far
-# more letters but accepts fewer test digits and loses ~0.1 point (docs/open_set.md, "Training negatives").
+# more letters but accepts fewer test digits and photos, and trains 1.37x as long (docs/open_set.md, "Training negatives").
 # What a flag that a checkpoint's train_args lack meant when it was trained: the feature did not exist yet.
 ABSENT_FROM_OLD_CHECKPOINTS = {"negatives": "off", "capture_augment": "off"}
 PAPER_ITERATIONS = 18000
