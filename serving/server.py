@@ -41,8 +41,6 @@ from grpc_reflection.v1alpha import reflection
 
 from serving._proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from serving._proto.lsoftmax.v1 import digit_service_pb2_grpc as pb_grpc
-from serving.backends import REQUIRED_MODULE, backend_available, load_backend
-from serving.backends.batching import BatchingConfig
 from serving.images.lanes import Decoder
 from serving.core.errors import StartupError, UsageError
 from serving.grpc.health import SERVING, HealthServicer
@@ -52,15 +50,15 @@ from serving.grpc.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from serving.grpc.kserve import KServeServicer
 from serving.logs import configure_logging, log_event
 from serving.malloc import fix_mmap_threshold, trim_when_grown
-from serving.metrics import MetricsServer, ModelStats
-from serving.repository.model_config import read_model_config
-from serving.repository.reader import Manifest, ModelEntry, read_manifest, verify_sha256
+from serving.metrics import ModelStats
+from serving.metrics_endpoint import MetricsServer
 from serving.backends.runner import ModelRunner
 from serving.options import get_args_parser
-from serving.security import TlsConfig, TokenAuth, read_token
+from serving.startup import Plan, load_model, make_plan
+from serving.security import TlsConfig, TokenAuth
 from serving.core.inference import InferenceCore
 from serving.http.app import HttpOptions, HttpServer
-from serving.grpc.typed import SERVICE_NAME, DigitServicer, Limits
+from serving.grpc.typed import SERVICE_NAME, DigitServicer
 
 __all__ = ["get_args_parser", "main", "serve"]
 
@@ -71,26 +69,6 @@ logger = logging.getLogger("serving")
 # be told UNAVAILABLE "shutting down") even on a busy machine; a call that reached gRPC after stop() began would
 # be CANCELLED instead. 0.1 s lost calls under 64 clients on a loaded 2-core machine.
 DRAIN_QUIET_S = 0.5
-
-
-def _load(entry: ModelEntry, manifest: Manifest, device: str, warmup_batch: int, batching: BatchingConfig,
-          stats: ModelStats, intra_op_threads: int | None = None) -> tuple[ModelRunner, dict]:
-    """Runs in a worker thread: load the graph, warm it up, check it against the manifest."""
-    start = time.perf_counter()
-    try:
-        backend = load_backend(entry.kind, entry.path, device, input_name=manifest.input_name,
-                               intra_op_threads=intra_op_threads)
-    except OSError as exc:
-        raise StartupError(f"{exc.filename or entry.path}: cannot read model {entry.name!r} "
-                           f"({exc.strerror or exc})") from None
-    loaded = time.perf_counter()
-    classes, dim = backend.warmup(batch_sizes=(1, warmup_batch))
-    if (classes, dim) != (manifest.num_classes, manifest.embedding_dim):
-        backend.close()
-        raise StartupError(f"{entry.path}: the graph outputs {classes} logits and a {dim}-D embedding, the manifest "
-                           f"says {manifest.num_classes} and {manifest.embedding_dim}")
-    timing = {"load_s": round(loaded - start, 3), "warmup_s": round(time.perf_counter() - loaded, 3)}
-    return ModelRunner(backend, entry, manifest, batching, stats), timing
 
 
 def _bind(server: grpc.aio.Server, host: str, port: int, tls: TlsConfig | None) -> str:
@@ -105,20 +83,6 @@ def _bind(server: grpc.aio.Server, host: str, port: int, tls: TlsConfig | None) 
     except RuntimeError as exc:
         raise StartupError(f"cannot bind {host}:{port} ({exc})") from None
     return f"{host}:{bound}"
-
-
-def _batching(args: argparse.Namespace, entries: list[ModelEntry], manifest: Manifest) -> tuple[dict, dict]:
-    """Each model's config.pbtxt and BatchingConfig; --max-batch-size may not exceed the model's."""
-    configs, batching = {}, {}
-    for entry in entries:
-        config = configs[entry.name] = read_model_config(entry, manifest)
-        limit = args.max_batch_size or config.max_batch_size
-        if limit > config.max_batch_size:
-            raise StartupError(f"--max-batch-size {limit} exceeds model {entry.name!r}'s max_batch_size "
-                               f"{config.max_batch_size} (config.pbtxt)")
-        batching[entry.name] = BatchingConfig(max_batch_size=limit, max_queue_delay_us=args.max_queue_delay_us,
-                                              max_queue_size=args.max_queue_size, enabled=args.dynamic_batching)
-    return configs, batching
 
 
 def _loopback(host: str) -> bool:
@@ -151,63 +115,6 @@ class _Shutdown:
 
 
 @dataclass
-class _Plan:
-    """What the flags and the repository say to serve, checked before anything binds."""
-    manifest: Manifest
-    served: list[ModelEntry]
-    typed_model: ModelEntry
-    limits: Limits
-    configs: dict
-    batching: dict
-    tls: TlsConfig | None
-    token: str | None
-
-
-_INSTALL_HINT = {"onnx": "install requirements-serving.txt",
-                 "torchscript": "install requirements-serving-torchscript.txt or use the serving-torchscript image"}
-
-
-def _servable(entries: list[ModelEntry], explicit: str | None) -> list[ModelEntry]:
-    """The entries this installation can load: a model whose backend's package is missing (torch in the ONNX-only
-    serving image) is skipped with one log line, or refused when the flags asked for it by name or format."""
-    servable = []
-    for entry in entries:
-        if backend_available(entry.kind):
-            servable.append(entry)
-            continue
-        package = REQUIRED_MODULE[entry.kind]
-        hint = _INSTALL_HINT[entry.kind]
-        if explicit:
-            raise StartupError(f"model {entry.name!r} needs {package}, which this installation lacks ({hint})")
-        log_event(logger, logging.WARNING, "model_skipped", model=entry.name, backend=entry.kind,
-                  reason=f"{package} is not installed", hint=hint)
-    if not servable:
-        raise StartupError("no model of the repository can be served by this installation (it lacks "
-                           + ", ".join(sorted({REQUIRED_MODULE[e.kind] for e in entries})) + ")")
-    return servable
-
-
-def _plan(args: argparse.Namespace) -> _Plan:
-    """Step 1: read the repository, the model configs, TLS files and token; StartupError on any defect."""
-    try:
-        manifest = read_manifest(args.model_repository)
-        served = _servable(manifest.served(args.model, args.backend), explicit=args.model or args.backend)
-        for entry in served:
-            verify_sha256(entry)
-        configs, batching = _batching(args, served, manifest)
-    except OSError as exc:  # e.g. a repository the server's user may not read (wrong owner, mode 0700)
-        raise StartupError(f"{exc.filename or args.model_repository}: cannot read the model repository "
-                           f"({exc.strerror or exc})") from None
-    typed_model = manifest.select(args.model, args.backend)
-    return _Plan(manifest=manifest, served=served, typed_model=typed_model if typed_model in served else served[0],
-                 limits=Limits(args.max_images_per_request, args.max_message_bytes, args.max_image_pixels,
-                               args.max_request_pixels),
-                 configs=configs, batching=batching,
-                 tls=TlsConfig.from_args(args.tls_cert, args.tls_key, args.tls_client_ca),
-                 token=read_token(args.auth_token, args.auth_token_file))
-
-
-@dataclass
 class _App:
     """The server's parts, built before it listens; serve() runs them."""
     server: grpc.aio.Server
@@ -222,7 +129,7 @@ class _App:
     metrics: MetricsServer | None = None
 
 
-def _build(args: argparse.Namespace, plan: _Plan) -> _App:
+def _build(args: argparse.Namespace, plan: Plan) -> _App:
     """Step 2: the gRPC server with its interceptor and services (not yet bound)."""
     stats = {e.name: ModelStats(e.name, e.version) for e in plan.served}  # servicers charge calls to these
     drain = Drain()
@@ -254,7 +161,7 @@ def _build(args: argparse.Namespace, plan: _Plan) -> _App:
                 http=http)
 
 
-async def _listen(args: argparse.Namespace, plan: _Plan, app: _App) -> None:
+async def _listen(args: argparse.Namespace, plan: Plan, app: _App) -> None:
     """Step 3: bind the gRPC port and the metrics endpoint, start answering (health NOT_SERVING)."""
     app.address = _bind(app.server, args.host, args.port, plan.tls)
     if args.metrics_port >= 0:
@@ -288,14 +195,14 @@ async def _listen(args: argparse.Namespace, plan: _Plan, app: _App) -> None:
               mutual_tls=bool(plan.tls and plan.tls.client_ca), auth=plan.token is not None)
 
 
-async def _load_models(args: argparse.Namespace, plan: _Plan, app: _App, shutdown: "_Shutdown") -> asyncio.Future | None:
+async def _load_models(args: argparse.Namespace, plan: Plan, app: _App, shutdown: "_Shutdown") -> asyncio.Future | None:
     """Step 4: load and warm each model in a worker thread (a signal stops the sequence); returns the load still
     running when a signal came, if any, so the caller can release it."""
     loop = asyncio.get_running_loop()
     waiter = asyncio.ensure_future(shutdown.event.wait())
     try:
         for entry in plan.served:
-            loading = loop.run_in_executor(None, _load, entry, plan.manifest, args.device,
+            loading = loop.run_in_executor(None, load_model, entry, plan.manifest, args.device,
                                            min(8, args.max_images_per_request), plan.batching[entry.name],
                                            app.stats[entry.name], args.intra_op_threads)
             await asyncio.wait([loading, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -312,7 +219,7 @@ async def _load_models(args: argparse.Namespace, plan: _Plan, app: _App, shutdow
     return None
 
 
-def _log_ready(args: argparse.Namespace, plan: _Plan, app: _App) -> None:
+def _log_ready(args: argparse.Namespace, plan: Plan, app: _App) -> None:
     typed = app.runners[plan.typed_model.name].backend
     manifest = plan.manifest
     log_event(logger, logging.INFO, "ready", address=app.address, port=int(app.address.rsplit(":", 1)[1]),
@@ -370,7 +277,7 @@ async def serve(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown). The steps: plan → build →
     listen → load → (serve until a signal) → drain and stop."""
     shutdown = _Shutdown(asyncio.get_running_loop())
-    plan = _plan(args)
+    plan = make_plan(args)
     app = _build(args, plan)
     await _listen(args, plan, app)
     loading = trimming = None

@@ -1,4 +1,4 @@
-"""The Prometheus endpoint (serving.metrics.MetricsServer) in-process: what a scrape answers, and that no client
+"""The Prometheus endpoint (serving.metrics_endpoint.MetricsServer) in-process: what a scrape answers, and that no client
 can stall it (silent TLS sockets, many idle connections, slow request heads), with small limits so each test
 takes milliseconds. Certificates come from the openssl command line tool, as in test_serving_security.py.
 
@@ -24,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.core.errors import StartupError
-from serving.metrics import MetricsServer, ModelStats
+from serving.metrics import ModelStats
+from serving.metrics_endpoint import MetricsServer
 
 TOKEN = "metrics-t0ken"
 CLIENT_TIMEOUT = 10.0  # what a scrape may take at most on a loaded machine
