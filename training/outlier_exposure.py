@@ -13,12 +13,13 @@ divergence from the uniform distribution: 0 exactly when every logit is equal, t
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
 from training.data import normalize
 
-__all__ = ["uniform_target_loss", "NegativeStream", "pool_size", "POOL_MAX"]
+__all__ = ["uniform_target_loss", "NegativeStream", "negative_stream", "pool_size", "POOL_MAX"]
 
 POOL_MAX = 20000  # images generated per run: about one epoch's worth at the default ratio
 
@@ -59,3 +60,23 @@ class NegativeStream:
             for b in range(len(order) // self.per_batch):
                 yield normalize(self.pool[order[b * self.per_batch:(b + 1) * self.per_batch]])
             cycle += 1
+
+
+def negative_stream(args, train_x, train_y, batches_per_epoch: int, dist_env, on: torch.device,
+                    is_main: bool) -> tuple[NegativeStream, dict]:
+    """The training negatives (made from this run's training digits only, never the held-out or test ones),
+    per_batch of them beside each batch, and what the checkpoint records of them."""
+    from training.negatives import FAMILIES, negative_images
+
+    if args.negative_ratio <= 0:
+        raise ValueError(f"--negative-ratio must be > 0 with --negatives on, got {args.negative_ratio}")
+    per_batch = max(1, round(args.batch_size // dist_env.world_size * args.negative_ratio))
+    count = pool_size(batches_per_epoch, per_batch * dist_env.world_size)
+    started = time.perf_counter()
+    pool = torch.from_numpy(negative_images(count, args.seed, train_x.numpy(), train_y.numpy()))
+    if is_main:
+        print(f"made {count} training negatives in {time.perf_counter() - started:.1f}s ({per_batch} beside each "
+              f"batch, loss weight {args.negative_weight})", flush=True)
+    record = {"generator": "training.negatives", "count": count, "seed": args.seed, "families": FAMILIES,
+              "per_batch": per_batch, "weight": args.negative_weight, "loss": "uniform target on the plain logits"}
+    return NegativeStream(pool.to(on), per_batch, args.seed, dist_env.rank, dist_env.world_size), record

@@ -46,7 +46,7 @@ from training.data import MNIST_MEAN, MNIST_STD, Batches, DataError, load_split,
 from training.devices import pick_device
 from training.models import build_model, embedding_dim
 from training.options import explicit_flags, get_args_parser, resolve_args, resolve_val_size
-from training.outlier_exposure import NegativeStream, pool_size, uniform_target_loss
+from training.outlier_exposure import NegativeStream, negative_stream, uniform_target_loss
 from training.resume import load_resume, truncate_metrics
 from training.schedules import build_beta, build_lr_scheduler, resume_lr_scheduler
 
@@ -203,29 +203,9 @@ def _load_data(args, dist_env: distributed.DistEnv, device: torch.device, is_mai
     data = _Data(train, Batches(test_x.to(on), test_y.to(on), args.eval_batch_size), val, test_x, test_y,
                  len(train_y), held_out)
     if args.negatives == "on":
-        data.negatives, data.negatives_record = _negative_stream(args, train_x, train_y, len(train), dist_env, on,
-                                                                 is_main)
+        data.negatives, data.negatives_record = negative_stream(args, train_x, train_y, len(train), dist_env, on,
+                                                                is_main)
     return data
-
-
-def _negative_stream(args, train_x, train_y, batches_per_epoch: int, dist_env, on: torch.device,
-                     is_main: bool) -> tuple[NegativeStream, dict]:
-    """The training negatives (made from this run's training digits only, never the held-out or test ones),
-    per_batch of them beside each batch, and what the checkpoint records of them."""
-    from training.negatives import FAMILIES, negative_images
-
-    if args.negative_ratio <= 0:
-        raise ValueError(f"--negative-ratio must be > 0 with --negatives on, got {args.negative_ratio}")
-    per_batch = max(1, round(args.batch_size // dist_env.world_size * args.negative_ratio))
-    count = pool_size(batches_per_epoch, per_batch * dist_env.world_size)
-    started = time.perf_counter()
-    pool = torch.from_numpy(negative_images(count, args.seed, train_x.numpy(), train_y.numpy()))
-    if is_main:
-        print(f"made {count} training negatives in {time.perf_counter() - started:.1f}s ({per_batch} beside each "
-              f"batch, loss weight {args.negative_weight})", flush=True)
-    record = {"generator": "training.negatives", "count": count, "seed": args.seed, "families": FAMILIES,
-              "per_batch": per_batch, "weight": args.negative_weight, "loss": "uniform target on the plain logits"}
-    return NegativeStream(pool.to(on), per_batch, args.seed, dist_env.rank, dist_env.world_size), record
 
 
 @dataclass
