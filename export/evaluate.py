@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from export import open_set
+from export.detectors import Features, Head, get
 
 __all__ = ["SCORES", "LOOKALIKES_SUFFIX", "evaluate_repository", "classifier_weight", "format_report",
            "format_per_character", "plot_histograms", "save_figure", "main"]
@@ -70,8 +71,8 @@ def _run(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def _scores(session, weight: np.ndarray, temperature: float, images: np.ndarray) -> tuple[dict, np.ndarray]:
     logits, embedding, known = _run(session, images)
-    scores = {name: open_set.score(name, logits, embedding, weight, temperature)
-              for name in ("msp", "max_logit", "max_cosine")}
+    features, head = Features(logits, embedding), Head(weight, temperature)
+    scores = {name: get(name).score(features, {}, head) for name in ("msp", "max_logit", "max_cosine")}
     if known is not None:
         scores["known_score"] = known.astype(np.float64)
     return scores, logits

@@ -1,12 +1,10 @@
 """Calibration and judging the digit-vs-not score: temperature fitting, thresholds and the figures.
 
     T = fit_temperature(logits, labels)                      # minimise NLL of softmax(logits / T) over log T
-    s = score("max_cosine", logits, embedding, weight)        # higher = more digit-like (numpy, for measuring)
     threshold = accept_threshold(s_held_out, accept_rate=0.99)
     auroc(s_known, s_unknown), fpr_at_tpr(s_known, s_unknown, 0.95), ece(probabilities, labels)
 
-The detectors themselves (their fits, numpy references and in-graph modules) are export.detectors; `score` here
-is its numpy reference by name, for the evaluation.
+The detectors themselves (their fits, numpy references and in-graph modules) are export.detectors.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import math
 
 import numpy as np
 
-__all__ = ["DEFAULT_ACCEPT_RATE", "ECE_BINS", "softmax", "fit_temperature", "nll", "score", "accept_threshold", "auroc",
+__all__ = ["DEFAULT_ACCEPT_RATE", "ECE_BINS", "softmax", "fit_temperature", "nll", "accept_threshold", "auroc",
            "fpr_at_tpr", "ece"]
 
 DEFAULT_ACCEPT_RATE = 0.99
@@ -48,16 +46,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float,
                              bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
                              options={"xatol": 1e-6})
     return float(math.exp(result.x))
-
-
-def score(name: str, logits: np.ndarray, embedding: np.ndarray, weight: np.ndarray,
-          temperature: float = 1.0, fitted: dict | None = None) -> np.ndarray:
-    """The registered detector `name`'s numpy score (float64 [N]) from the graph's logits and embedding; weight:
-    the classifier's W [C, D]; fitted: its fitted parameters, if any. For the evaluation, which reads no stage
-    taps: a detector that needs them raises ValueError (export.detectors owns the detectors)."""
-    from export.detectors import Features, Head, get
-
-    return get(name).score(Features(logits, embedding), fitted or {}, Head(weight, temperature))
 
 
 def accept_threshold(known_scores: np.ndarray, accept_rate: float = DEFAULT_ACCEPT_RATE) -> float:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from export.detectors import Features, Head, get
 from export.graphs import load_onnx_session, load_torchscript
 from export.inference_module import build_inference_module
 from export.repository import ExportError, export_repository
@@ -345,9 +346,6 @@ def test_exported_accuracy_must_match_the_checkpoint_within_the_devices_slack(co
 @pytest.mark.parametrize("detector", ["max_cosine", "multilayer_mahalanobis",
                                       pytest.param("mahalanobis", marks=pytest.mark.slow)])  # ~10 s each
 def test_fitted_export_records_temperature_and_threshold_and_graphs_agree(tmp_path, tiny_checkpoint, detector):
-    from export import open_set
-    from export.detectors import get
-
     images, labels = synthetic_digits(64, seed=5)
     images, labels = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
     out = tmp_path / "repo"
@@ -378,13 +376,13 @@ def test_fitted_export_records_temperature_and_threshold_and_graphs_agree(tmp_pa
             ["logits", "embedding"], {"image": images.numpy()})
         ckpt = load_checkpoint(tiny_checkpoint)
         weight = rebuild_model(ckpt).head.weight.detach().numpy()
-        assert np.allclose(known, open_set.score("max_cosine", logits, embedding, weight), atol=1e-5)
+        reference = get("max_cosine").score(Features(logits, embedding), {}, Head(weight))
+        assert np.allclose(known, reference, atol=1e-5)
 
 
 def test_multilayer_mahalanobis_in_the_graph_is_the_numpy_reference(tiny_checkpoint):
     """The graph's known_score (eager, as exported) is the numpy multilayer_mahalanobis on the stage taps +
     embedding, and the taps are the channel means after each pooling stage."""
-    from export import open_set
     from export.detectors.mahalanobis import fit_multilayer_mahalanobis, mahalanobis_distance, multilayer_mahalanobis
     from export.inference_module import stage_features
 
@@ -411,9 +409,9 @@ def test_multilayer_mahalanobis_in_the_graph_is_the_numpy_reference(tiny_checkpo
         known = module(images)[2].numpy().astype(np.float64)
     reference = multilayer_mahalanobis(features, fitted)
     assert np.allclose(known, reference, rtol=1e-4, atol=1e-3 * max(1.0, float(np.abs(reference).max())))
-    with pytest.raises(ValueError, match="stage"):  # the evaluation's by-name score has no taps to give it
-        open_set.score("multilayer_mahalanobis", features[-1] @ np.zeros((128, 10)), features[-1], np.ones((10, 128)),
-                       fitted=fitted)
+    with pytest.raises(ValueError, match="stage"):  # without the stage taps (the evaluation reads none) it refuses
+        get("multilayer_mahalanobis").score(Features(features[-1] @ np.zeros((128, 10)), features[-1]), fitted,
+                                            Head(np.ones((10, 128))))
 
 
 def test_checkpoint_without_held_out_is_exported_unfitted_and_says_so(tmp_path, tiny_checkpoint):
