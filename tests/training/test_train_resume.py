@@ -34,11 +34,11 @@ def test_interrupted_and_resumed_run_matches_the_unbroken_one(unbroken_run, tiny
                 raise KeyboardInterrupt
             yield batch
 
-    def flaky_epoch(model, batches, *rest):
+    def flaky_epoch(model, batches, *rest, **options):
         desc = next(arg for arg in rest if isinstance(arg, str))  # the progress description, "epoch E/N"
         if desc.startswith("epoch 3/"):
             batches = interrupted(batches, after=2)
-        return real_epoch(model, batches, *rest)
+        return real_epoch(model, batches, *rest, **options)
 
     monkeypatch.setattr(train_mod, "train_one_epoch", flaky_epoch)
     assert train(tiny_mnist_root, tmp_path, *THREE_EPOCHS) == 130
