@@ -117,8 +117,7 @@ class HttpServer:
         protected = not _open(request.path)
         start = self.drain.arrived() if protected else 0
         error: BaseException | None = None
-        ok = False
-        counted = False
+        ok = counted = recorded = False
         try:
             try:
                 if protected:
@@ -148,6 +147,9 @@ class HttpServer:
                 status, message = status_for(exc)
                 response = error_response(status, message)
             self._headers(request, response)
+            if protected:  # counted before the answer leaves: a client that scrapes right after it sees the call
+                elapsed, recorded = time.perf_counter_ns() - start, True
+                record(charged(), ok, error, elapsed)
             await response.prepare(request)
             await response.write_eof()  # answered: only now does the call stop counting for the drain
             return response
@@ -155,9 +157,10 @@ class HttpServer:
             if counted:
                 self.active -= 1
             if protected:
-                elapsed = time.perf_counter_ns() - start
                 self.drain.answered()
-                record(charged(), ok, error, elapsed)
+                if not recorded:  # cancelled or failed before an answer was made
+                    elapsed = time.perf_counter_ns() - start
+                    record(charged(), ok, error, elapsed)
                 if logger.isEnabledFor(logging.DEBUG):
                     log_event(logger, logging.DEBUG, "http", method=request.method, path=request.path,
                               ok=ok, ms=round(elapsed / 1e6, 3), peer=request.remote)
