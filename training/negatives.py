@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-__all__ = ["FAMILIES", "DIGIT_SHAPED", "LATIN_FONTS", "SYMBOL_FONTS", "negative_images", "frame_like_mnist",
+__all__ = ["read_stroke_fonts", "FAMILIES", "DIGIT_SHAPED", "LATIN_FONTS", "SYMBOL_FONTS", "negative_images", "frame_like_mnist",
            "stroke_font_glyphs", "scribbles", "digit_fragments"]
 
 # Hershey's Latin faces (its Greek, Cyrillic, Japanese and Greek-bearing math fonts stay out of training).
@@ -87,6 +87,12 @@ def _font_strokes(font: str) -> dict[str, list]:
         if strokes and any(len(s) > 1 for s in strokes):
             out[char] = strokes
     return out
+
+
+def read_stroke_fonts() -> None:
+    """Read every Hershey font the generator draws from (once per process: decompressing them is ~0.1 s a font)."""
+    for font in LATIN_FONTS + SYMBOL_FONTS:
+        _font_strokes(font)
 
 
 def _draw(strokes: list, rng: np.random.Generator) -> np.ndarray:
