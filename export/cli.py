@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from export.detectors import DEFAULT_DETECTOR, IN_GRAPH
+from export.detectors import AUTO_DETECTOR, DEFAULT_DETECTOR, DETECTOR_WITH_NEGATIVES, IN_GRAPH
 from export.open_set import DEFAULT_ACCEPT_RATE
 from export.repository import ExportError, export_repository
 from export.verify import ParityError
@@ -27,9 +27,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--data-dir", default=None, help="torchvision-layout MNIST root to verify on")
     p.add_argument("--cache-dir", default=None, help="MNIST cache root")
-    p.add_argument("--detector", default=DEFAULT_DETECTOR, choices=IN_GRAPH,
+    p.add_argument("--detector", default=AUTO_DETECTOR, choices=(AUTO_DETECTOR, *IN_GRAPH),
                    help="the open-set score the graphs compute as known_score (higher = more digit-like; "
-                        "export.detectors describes each)")
+                        f"export.detectors describes each); auto: {DETECTOR_WITH_NEGATIVES} for a net trained with "
+                        f"--negatives on, else {DEFAULT_DETECTOR}")
     p.add_argument("--accept-rate", type=float, default=DEFAULT_ACCEPT_RATE,
                    help="known_score threshold: the one accepting this fraction of the held-out digits")
     p.add_argument("--fit-on-training-images", action="store_true",
@@ -37,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "5000 training images, which the net trained on (recorded in the manifest)")
     p.add_argument("--int8", action="store_true",
                    help="also write lsoftmax_mnist_onnx_int8: the ONNX graph statically quantised (QDQ, per-channel), "
-                        "calibrated on the held-out images and verified against FP32 (serve it with --model)")
+                        "calibrated on the held-out images, with its own temperature and threshold fitted on them, "
+                        "and verified against FP32 (the server serves it by default on the CPU: --precision)")
     return p
 
 

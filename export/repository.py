@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from export.datasets import fit_set, verification_set
-from export.detectors import DEFAULT_DETECTOR, IN_GRAPH, get
+from export.detectors import AUTO_DETECTOR, IN_GRAPH, detector_for, get
 from export.errors import ExportError
 from export.fitting import fit
 from export.open_set import DEFAULT_ACCEPT_RATE
@@ -41,6 +41,8 @@ def _rebuild(checkpoint: Path) -> tuple[dict, torch.nn.Module]:
 
 
 def _check_detector(name: str) -> None:
+    if name == AUTO_DETECTOR:
+        return
     try:
         detector = get(name)
     except ValueError as exc:
@@ -52,7 +54,7 @@ def _check_detector(name: str) -> None:
 def export_repository(checkpoint: str | Path, out: str | Path, force: bool = False,
                       images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                       max_batch_size: int = 256, opset: int = 17, data_dir=None, cache_dir=None,
-                      log=print, detector: str = DEFAULT_DETECTOR,
+                      log=print, detector: str = AUTO_DETECTOR,
                       accept_rate: float = DEFAULT_ACCEPT_RATE, fit_images: torch.Tensor | None = None,
                       fit_labels: torch.Tensor | None = None, fit_on_training_images: bool = False,
                       int8: bool = False) -> dict:
@@ -72,6 +74,8 @@ def export_repository(checkpoint: str | Path, out: str | Path, force: bool = Fal
     prepare_out(out, force)
     ckpt, net = _rebuild(checkpoint)
     ckpt["_path"] = str(checkpoint)
+    if detector == AUTO_DETECTOR:
+        detector = detector_for(ckpt)
     fit_x, fit_y, fitted_on = fit_set(ckpt, checkpoint, fit_images, fit_labels, fit_on_training_images, data_dir,
                                       cache_dir)
     if int8 and fit_x is None:

@@ -18,7 +18,7 @@ from export.detectors.learned import LEARNED
 from export.detectors.logits import ENERGY, MAX_LOGIT, MSP
 from export.detectors.mahalanobis import MAHALANOBIS, MULTILAYER_MAHALANOBIS
 
-__all__ = ["REGISTRY", "table", "DEFAULT_DETECTOR", "UNFITTED_DETECTOR", "IN_GRAPH", "get", "Detector", "Unfitted",
+__all__ = ["REGISTRY", "table", "AUTO_DETECTOR", "DEFAULT_DETECTOR", "DETECTOR_WITH_NEGATIVES", "detector_for", "UNFITTED_DETECTOR", "IN_GRAPH", "get", "Detector", "Unfitted",
            "Features", "FitData", "Head", "THRESHOLD"]
 
 
@@ -33,9 +33,21 @@ def table(*detectors: Detector) -> dict[str, Detector]:
 
 
 REGISTRY = table(MULTILAYER_MAHALANOBIS, MAHALANOBIS, MAX_COSINE, LEARNED, MSP, ENERGY, MAX_LOGIT, FEATURE_NORM)
-DEFAULT_DETECTOR = "multilayer_mahalanobis"  # chosen by measurement: docs/open_set.md
+# Chosen by measurement (docs/open_set.md): for a net trained beside negatives (--negatives on, the default recipe)
+# the learned combination, which weighs the logits' scores the negatives taught; for a net trained on digits alone
+# the stage distances, which are all it has. `auto` picks by the checkpoint's training flags.
+AUTO_DETECTOR = "auto"
+DEFAULT_DETECTOR = "multilayer_mahalanobis"  # for a net trained on digits alone
+DETECTOR_WITH_NEGATIVES = "learned"  # for a net trained beside negatives
 UNFITTED_DETECTOR = "max_cosine"  # nothing to fit: what a graph without held-out images to fit on ships
 IN_GRAPH = tuple(name for name, d in REGISTRY.items() if d.in_graph)  # what --detector may ship as known_score
+
+
+def detector_for(ckpt: dict) -> str:
+    """The detector `auto` means for this checkpoint: DETECTOR_WITH_NEGATIVES when it was trained beside
+    negatives, else DEFAULT_DETECTOR."""
+    trained_with = ckpt.get("config", {}).get("train_args", {}).get("negatives", "off")
+    return DETECTOR_WITH_NEGATIVES if trained_with == "on" else DEFAULT_DETECTOR
 
 
 def get(name: str) -> Detector:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.detectors import DEFAULT_DETECTOR, IN_GRAPH, REGISTRY, THRESHOLD, Features, FitData, Head, get, table
+from export.detectors import (AUTO_DETECTOR, DEFAULT_DETECTOR, DETECTOR_WITH_NEGATIVES, IN_GRAPH, REGISTRY, THRESHOLD,
+                              Features, FitData, Head, detector_for, get, table)
 from export.detectors.logistic import fit_logistic
 from export.inference_module import build_inference_module, graph_features
 from support import make_checkpoint, synthetic_digits
@@ -73,7 +74,15 @@ def test_cli_detector_choices_are_the_registrys_in_graph_names():
     from export.cli import get_args_parser
 
     action = next(a for a in get_args_parser()._actions if "--detector" in a.option_strings)
-    assert tuple(action.choices) == IN_GRAPH and action.default == DEFAULT_DETECTOR
+    assert tuple(action.choices) == (AUTO_DETECTOR, *IN_GRAPH) and action.default == AUTO_DETECTOR
+
+
+def test_auto_picks_the_learned_detector_for_a_net_trained_beside_negatives():
+    """What make demo ships: learned for the fast recipe (trained with --negatives on), the stage distances for a
+    net that saw digits only, or one written before the flag existed."""
+    assert detector_for({"config": {"train_args": {"negatives": "on"}}}) == DETECTOR_WITH_NEGATIVES == "learned"
+    assert detector_for({"config": {"train_args": {"negatives": "off"}}}) == DEFAULT_DETECTOR
+    assert detector_for({"config": {"train_args": {}}}) == DEFAULT_DETECTOR
 
 
 # --- module vs numpy reference ------------------------------------------------------------------------------------
@@ -232,7 +241,7 @@ def test_learned_fit_sees_no_threshold_image(tmp_path, tiny_checkpoint, monkeypa
 
 
 def test_cli_exports_the_learned_detector_end_to_end(tmp_path):
-    """`python -m export CKPT --out R --detector learned` (in-process): fitted on training images against the real
+    """`python -m export CKPT --out R` on a net trained beside negatives (in-process): the learned detector, fitted on training images against the real
     negatives' generator, verified (parity of eager, TorchScript and ONNX known_score included), and the manifest,
     config.pbtxt and the server's reader say what was shipped and what it was fitted on."""
     import json
@@ -242,10 +251,15 @@ def test_cli_exports_the_learned_detector_end_to_end(tmp_path):
     from serving.repository.reader import read_manifest
     from support import write_synthetic_mnist
 
+    from training.checkpoint import save_checkpoint
+
     mnist = write_synthetic_mnist(tmp_path / "mnist", n_train=160, n_test=32)
     checkpoint = make_checkpoint(tmp_path / "c.pt", test_acc=None)
+    ckpt = load_checkpoint(checkpoint)
+    ckpt["config"]["train_args"]["negatives"] = "on"  # as the fast recipe trains: the default --detector auto
+    save_checkpoint(ckpt, checkpoint)  # then ships the learned detector
     out = tmp_path / "repo"
-    assert main([str(checkpoint), "--out", str(out), "--detector", "learned", "--fit-on-training-images",
+    assert main([str(checkpoint), "--out", str(out), "--fit-on-training-images",
                  "--data-dir", str(mnist), "--accept-rate", "0.95"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     record = manifest["open_set"]

@@ -15,13 +15,15 @@ THREE = ["--model", "fast", "--margin", "3", "--epochs", "3", "--batch-size", "6
          "--test-subset", "64", "--seed", "2", "--negatives", "on", "--capture-augment", "on"]
 
 
-def test_negatives_are_opt_in_and_the_reproduction_turns_them_off():
+def test_the_demo_recipe_trains_beside_negatives_and_the_papers_recipes_do_not():
     parser = get_args_parser()
-    for net in ("fast", "paper", "vis"):
+    args = resolve_args(parser.parse_args(["--model", "fast"]))  # make demo's
+    assert (args.negatives, args.capture_augment) == ("on", "on")
+    for net in ("paper", "vis"):
         args = resolve_args(parser.parse_args(["--model", net]))
         assert (args.negatives, args.capture_augment) == ("off", "off")
-    args = resolve_args(parser.parse_args(["--model", "fast", "--negatives", "on", "--capture-augment", "on"]))
-    assert (args.negatives, args.capture_augment) == ("on", "on")
+    args = resolve_args(parser.parse_args(["--model", "fast", "--negatives", "off", "--capture-augment", "off"]))
+    assert (args.negatives, args.capture_augment) == ("off", "off")
     assert PAPER_RECIPE_FLAGS == ("--negatives", "off", "--capture-augment", "off")
 
 
