@@ -28,6 +28,15 @@ Scheduling, designed so that batching costs nothing when the server is idle:
 - enabled=False (--no-dynamic-batching): each request (or max_batch_size chunk) is its own backend call,
   handed to the worker thread's FIFO at once; max_queue_size bounds the calls waiting there. For
   comparisons and for models that must see one request at a time.
+
+Cheap batches run on the event loop itself (inline_below_us, --inline-below-us). The hand-off to the worker
+and back costs the event loop a thread wake-up, a self-pipe write and read and two futures per batch, tens of
+microseconds of CPU: more than a one-matmul model, or this net on a GPU, spends computing a small batch. So when
+the backend's recent batches took less than inline_below_us each (a moving average of their measured time,
+started after the first few batches, which run in the worker), the batch runs inline, and a batch that turns out
+slower (a larger one, under load) moves the average back over the line. Blocking the loop for that long delays
+other calls by no more than the hop would have. The next batch is then dispatched on the loop's next turn, so
+calls that arrived in the meantime are read first.
 """
 
 from __future__ import annotations
@@ -57,6 +66,11 @@ class BatchingConfig:
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024  # queue entries; 0 = unbounded
     enabled: bool = True
+    inline_below_us: int = 0  # run batches on the event loop while they average less than this (0: never)
+
+
+INLINE_AFTER = 4  # batches measured in the worker before one may run inline
+INLINE_SMOOTHING = 0.125  # weight of the newest batch in the moving average of execution times
 
 
 class _Entry:
@@ -71,8 +85,9 @@ class _Entry:
 
 class DynamicBatcher:
     def __init__(self, infer: Callable[[np.ndarray], Outputs], config: BatchingConfig, stats: ModelStats,
-                 name: str = "model") -> None:
-        """infer: the backend call, uint8 [N, 1, 28, 28] → arrays with N rows; runs in the worker thread."""
+                 name: str = "model", clock: Callable[[], int] = time.perf_counter_ns) -> None:
+        """infer: the backend call, uint8 [N, 1, 28, 28] → arrays with N rows; runs in the worker thread (or inline,
+        see the module's docstring). clock: nanoseconds, what execution times are measured with."""
         if config.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {config.max_batch_size}")
         self.config = config
@@ -87,6 +102,10 @@ class DynamicBatcher:
         self._scheduled = False  # a dispatch is pending (next loop turn, or a delay timer)
         self._timer: asyncio.TimerHandle | None = None
         self._expected = 1  # requests in the previous batch: how many callers may be on their way back
+        self._clock = clock
+        self._inline_below_ns = config.inline_below_us * 1000
+        self._measured = 0  # batches executed so far
+        self._average_ns = 0.0  # moving average of their execution times
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -187,18 +206,32 @@ class DynamicBatcher:
             self._submit(entries)
         self._publish()
 
+    def inline(self) -> bool:
+        """Whether the next batch runs on the event loop: its recent batches were cheaper than the hop."""
+        return self._measured >= INLINE_AFTER and self._average_ns < self._inline_below_ns
+
     def _submit(self, entries: list[_Entry]) -> None:
-        job = self._pool.submit(self._execute, [e.images for e in entries])
+        arrays = [e.images for e in entries]
+        if self.inline():
+            job = WorkerFuture()
+            try:
+                job.set_result(self._execute(arrays))
+            except Exception as exc:  # every caller of this batch gets it, as from the worker
+                job.set_exception(exc)
+            self._finish(entries, job, inline=True)
+            return
+        job = self._pool.submit(self._execute, arrays)
         job.add_done_callback(functools.partial(self._from_worker, entries))
 
     def _execute(self, arrays: list[np.ndarray]) -> tuple[Outputs, int, int]:
-        """Worker thread: one backend call on the concatenated batch; returns (outputs, start_ns, end_ns)."""
-        start = time.perf_counter_ns()
+        """One backend call on the concatenated batch (worker thread, or inline); returns (outputs, start_ns,
+        end_ns)."""
+        start = self._clock()
         batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         outputs = self._infer(batch)
         if any(len(o) != len(batch) for o in outputs):  # rows would go to the wrong callers
             raise RuntimeError(f"the backend returned {[len(o) for o in outputs]} rows for {len(batch)} images")
-        return outputs, start, time.perf_counter_ns()
+        return outputs, start, self._clock()
 
     def _from_worker(self, entries: list[_Entry], job: WorkerFuture) -> None:
         try:
@@ -206,7 +239,7 @@ class DynamicBatcher:
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
 
-    def _finish(self, entries: list[_Entry], job: WorkerFuture) -> None:
+    def _finish(self, entries: list[_Entry], job: WorkerFuture, inline: bool = False) -> None:
         if not self.config.enabled:
             self._outstanding -= 1
         self._running = False
@@ -226,9 +259,16 @@ class DynamicBatcher:
                 offset += entry.size
                 queue_ns += start - entry.enqueued_ns
             self.stats.record_execution(offset, queue_ns, len(entries), end - start)
+            self._measured += 1
+            self._average_ns += (end - start - self._average_ns) * (
+                1.0 if self._measured == 1 else INLINE_SMOOTHING)
         self._expected = len(entries)
         if self._queue and not self._scheduled:
-            self._dispatch()
+            if inline:  # not from within this call: read what arrived meanwhile first, and never recurse
+                self._scheduled = True
+                self._loop.call_soon(self._dispatch)
+            else:
+                self._dispatch()
         self._publish()
 
     def close(self) -> None:

@@ -10,7 +10,9 @@ loading) holds them at a gate instead of guessing how long real work takes on th
 
 Gates (at the seams serving keeps stable for tests):
     infer         serving.backends.ort.OrtBackend.infer: every ONNX backend call (warm-up included), in the model's
-                  worker thread; raw-pixel requests reach it without decoding. The record carries `images`.
+                  worker thread (the gated server never runs a batch on the event loop: it adds
+                  `--inline-below-us 0`, so a held call holds only its thread, as a slow model would); raw-pixel
+                  requests reach it without decoding. The record carries `images`.
                   TorchScriptBackend.infer goes through the same gate when that class is where it was (the GPU
                   tests serve TorchScript).
     decode        serving.images.lanes.prepare_image: every encoded image being decoded, in a decode thread.
@@ -108,6 +110,8 @@ def install(folder: Path) -> None:
 if __name__ == "__main__":
     if os.environ.get(GATE_DIR_ENV):
         install(Path(os.environ[GATE_DIR_ENV]))
+        if "--inline-below-us" not in sys.argv:
+            sys.argv += ["--inline-below-us", "0"]
     from serving.server import run_cli
 
     run_cli()

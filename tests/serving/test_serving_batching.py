@@ -257,3 +257,82 @@ def test_a_backend_returning_the_wrong_number_of_rows_fails_the_batch():
     with pytest.raises(RuntimeError, match="rows for 2 images"):
         run(batcher.infer(digits(2, 0)))
     batcher.close()
+
+
+class StepClock:
+    """A clock the test sets: each backend call takes `step` ns of it, whatever the machine's speed."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.now, self.calls = step, 0, 0
+
+    def __call__(self) -> int:
+        self.calls += 1
+        if self.calls % 2 == 0:  # a call's end: the batch took `step`
+            self.now += self.step
+        return self.now
+
+
+class ThreadRecordingBackend(FakeBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def __call__(self, images):
+        self.threads.append(threading.get_ident())
+        return super().__call__(images)
+
+
+def _one_at_a_time(batcher, count: int) -> list:
+    async def main():
+        return [await batcher.infer(digits(1, seed=i)) for i in range(count)], threading.get_ident()
+
+    return run(main())
+
+
+def test_cheap_batches_run_on_the_event_loop_after_the_first_few():
+    from serving.backends.batching import INLINE_AFTER
+
+    backend = ThreadRecordingBackend()
+    batcher = DynamicBatcher(backend, BatchingConfig(inline_below_us=100), ModelStats("m", "1"), name="test",
+                             clock=StepClock(step=20_000))  # 20 us a batch
+    results, loop_thread = _one_at_a_time(batcher, INLINE_AFTER + 6)
+    for i, got in enumerate(results):
+        for a, b in zip(got, expected(digits(1, seed=i))):
+            np.testing.assert_array_equal(a, b)
+    assert loop_thread not in backend.threads[:INLINE_AFTER]  # measured in the worker first
+    assert backend.threads[INLINE_AFTER:] == [loop_thread] * 6 and batcher.inline()
+    assert batcher.stats.exec_count == INLINE_AFTER + 6
+    batcher.close()
+
+
+def test_batches_slower_than_the_line_stay_in_the_worker_and_zero_turns_inline_off():
+    for inline_below_us, step in ((100, 500_000), (0, 1)):  # 500 us batches; or inline off with 1 ns batches
+        backend = ThreadRecordingBackend()
+        batcher = DynamicBatcher(backend, BatchingConfig(inline_below_us=inline_below_us), ModelStats("m", "1"),
+                                 name="test", clock=StepClock(step=step))
+        _, loop_thread = _one_at_a_time(batcher, 12)
+        assert loop_thread not in backend.threads and not batcher.inline()
+        batcher.close()
+
+
+def test_an_inline_batch_that_fails_fails_only_its_callers_and_the_next_one_is_served():
+    backend = FakeBackend()
+    batcher = DynamicBatcher(backend, BatchingConfig(inline_below_us=100), ModelStats("m", "1"), name="test",
+                             clock=StepClock(step=1_000))
+
+    async def main():
+        for i in range(6):
+            await batcher.infer(digits(1, seed=i))
+        assert batcher.inline()
+        backend.fail = True
+        with pytest.raises(RuntimeError, match="exploded"):
+            await batcher.infer(digits(2, seed=1))
+        backend.fail = False
+        return await asyncio.gather(*(batcher.infer(digits(1, seed=i)) for i in range(20)))
+
+    results = run(main())
+    for i, got in enumerate(results):
+        for a, b in zip(got, expected(digits(1, seed=i))):
+            np.testing.assert_array_equal(a, b)
+    assert batcher.stats.exec_count == 7  # 6 one by one, the failed one not counted, the 20 queued meanwhile as one
+    batcher.close()
