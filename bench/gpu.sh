@@ -5,6 +5,7 @@
 #   make gpu-wheels                                          # here: wheels the GPU machine lacks -> .whl/
 #   STEPS=reproduce,cuda_tests BUDGET=480 bash bench/gpu.sh  # there, call 1 (carry .whl)
 #   STEPS=bench,serve BUDGET=240 bash bench/gpu.sh           # there, call 2, on the still-warm machine
+#   STEPS=workers BUDGET=300 bash bench/gpu.sh                # --workers sweep, tiny and real model (issue 23)
 #   DEVICE=cpu SMOKE=1 DATA_DIR=... bash bench/gpu.sh        # anywhere: every step at toy size (tests do this)
 #
 # Every step runs under `timeout` with at most what is left of BUDGET seconds, so the script always
@@ -22,7 +23,8 @@ RUNS=${RUNS:-/tmp/gpu_runs}   # run folders and the exported repository (checkpo
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 SMOKE=${SMOKE:-0}
-STEPS=${STEPS:-reproduce,cuda_tests,bench,serve}
+STEPS=${STEPS:-reproduce,cuda_tests,bench,serve,workers}
+WORKERS_SWEEP=${WORKERS_SWEEP:-1,2,4,8,16}  # --workers counts, each one variant of one bench.serve_ab run
 BUDGET=${BUDGET:-540}
 EPOCHS=${EPOCHS:-77}          # the paper's 18k iterations at batch 256
 SEEDS=${SEEDS:-0,1,2}
@@ -46,11 +48,14 @@ if [ "$SMOKE" = 1 ]; then  # toy sizes: checks that every step still runs, measu
   LAYER_ARGS=(--batch 16 --dim 8 --iters 2 --repeats 1 --no-pml)
   TRAIN_ARGS=(--nets fast --batch-size 8 --iters 1 --repeats 1 --modes eager)
   SERVE_ARGS=(--concurrency 1 --window-seconds 0.5 --max-windows 1 --client-processes 1 --batching on)
+  WORKERS_ARGS=(--concurrency 4 --rounds 1 --window-seconds 0.5 --warmup-seconds 0.2 --client-processes 2)
 else
   REPRO_SIZE=()
   LAYER_ARGS=(--iters 200 --repeats 5)
   TRAIN_ARGS=(--nets fast,vis,paper --modes eager,channels_last --iters 20 --repeats 3)
   SERVE_ARGS=(--concurrency 1,16,64 --window-seconds 2 --max-windows 3 --batching on,off)
+  # one load-generator process (one connection) per worker at the largest count: the kernel spreads connections
+  WORKERS_ARGS=(--concurrency 16,64,256 --rounds 1 --window-seconds 2 --client-processes 16)
 fi
 DATA_ARGS=(${DATA_DIR:+--data-dir "$DATA_DIR"})
 
@@ -114,6 +119,22 @@ if wanted serve; then
   step export 120 "$PY" -m export "$ckpt" --out "$RUNS/repo" --force "${DATA_ARGS[@]}"
   step bench_serve 150 "$PY" -m bench.serve --model-repository "$RUNS/repo" --device "$DEVICE" \
     --backends torchscript --apis kserve "${SERVE_ARGS[@]}" --output "$WORK/serve.csv"
+fi
+if wanted workers; then  # every --workers count side by side on the tiny model (overhead alone) and the real one
+  step tiny_repo 30 "$PY" bench/loadgen.py tiny-repo "$RUNS/tiny"
+  if [ ! -f "$RUNS/repo/manifest.json" ]; then
+    step train_for_workers 120 "$PY" -m training --model fast --epochs 1 --train-subset 2560 --test-subset 1000 \
+      --device "$DEVICE" --progress off "${DATA_ARGS[@]}" --out "$RUNS/workers_ckpt"
+    step export_for_workers 120 "$PY" -m export "$RUNS/workers_ckpt/last.pt" --out "$RUNS/repo" --force "${DATA_ARGS[@]}"
+  fi
+  variants=()
+  for w in ${WORKERS_SWEEP//,/ }; do
+    variants+=(--variant "w$w=.|--backend onnx --device $DEVICE --workers $w")
+  done
+  for model in tiny repo; do
+    step "workers_$model" 150 "$PY" -m bench.serve_ab --model-repository "$RUNS/$model" "${variants[@]}" \
+      "${WORKERS_ARGS[@]}" --json "$WORK/workers_$model.json"
+  done
 fi
 pack
 echo "done in $((SECONDS - started))s; $OUT/summary.txt and $OUT/gpu_results.tgz (logs, docs/, metrics/, serve.csv)"

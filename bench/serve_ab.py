@@ -2,7 +2,7 @@
 
     python -m bench.serve_ab --model-repository REPO \\
         --variant "before=/tmp/before|" --variant "after=.|--intra-op-threads 2" \\
-        [--concurrency 1,16,64] [--rounds 3] [--window-seconds 2] [--api kserve|typed] \\
+        [--concurrency 1,16,64] [--rounds 3] [--window-seconds 2] [--api kserve|typed] [--batch 1] \\
         [--client aio|tritonclient] [--client-processes 1] [--json OUT]
 
 A variant is `LABEL=CWD|[ENV=VALUE ...] [server flags]`: `python -m serving --model-repository REPO [server flags]`
@@ -16,8 +16,10 @@ variant gets one window of bench/loadgen.py's closed-loop load in turn, the orde
 rounds, so slow drift of a shared machine (other jobs, thermals) falls on all variants alike instead of on
 whichever ran last. Per run it records loadgen's images/s and p50, and the server's CPU time per request: the
 server process's utime+stime over the run divided by the requests its `nv_inference_request_success` counter
-went up by (the client's own CPU time never enters it). Prints one JSON line per run as it goes, then per level
-and variant the medians over rounds with ratios to the first variant; --json writes the runs and the medians.
+went up by (the client's own CPU time never enters it), and from it the images per server CPU-second (--batch
+images per request: with more, the model's share of the server's work grows). Prints one JSON line per run as it
+goes, then per level and variant the medians over rounds with ratios to the first variant; --json writes the runs
+and the medians.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ ENV_TOKEN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 SAFE_NAME = re.compile(r"[^\w.-]")  # a label as a file name
 # flags the harness owns: ServerProcess reads the ports back from JSON logs and scrapes the metrics port
 RESERVED_FLAGS = ("--log-format", "--metrics-port")
+SUMMARY_KEYS = ("images_per_s", "p50_us", "server_cpu_us_per_request", "images_per_server_cpu_s")
 
 
 # ------------------------------------------------------------------------------------------------ variants
@@ -140,12 +143,25 @@ def stop_servers(servers: list[ServerProcess]) -> None:
 # ------------------------------------------------------------------------------------------- measuring
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """utime+stime of a process (all its threads) from /proc/PID/stat: the server's own work, whatever the
-    client costs."""
+def _stat(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may contain spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return f.read().rsplit(")", 1)[1].split()  # after the command name, which may contain spaces
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime+stime of a process (all its threads) and of every live process under it (a --workers server's
+    workers), from /proc/PID/stat: the server's own work, whatever the client costs."""
+    fields = _stat(pid)
+    ticks = int(fields[11]) + int(fields[12])
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid:
+            try:
+                child = _stat(int(entry))
+            except OSError:  # gone meanwhile
+                continue
+            if int(child[1]) == pid:  # field 4, ppid
+                ticks += round(process_cpu_seconds(int(entry)) * os.sysconf("SC_CLK_TCK"))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def requests_served(metrics_port: int) -> float:
@@ -168,7 +184,7 @@ def run_loadgen(address: str, args: argparse.Namespace, concurrency: int) -> tup
     """One closed-loop window of bench/loadgen.py (its own processes, as it must be) → (its JSON summary, the
     client's CPU seconds: loadgen and its workers, from RUSAGE_CHILDREN)."""
     cmd = [sys.executable, str(LOADGEN), "run", "--address", address, "--api", args.api, "--client", args.client,
-           "--model", args.model, "--concurrency", str(concurrency),
+           "--model", args.model, "--concurrency", str(concurrency), "--batch", str(args.batch),
            "--processes", str(max(1, min(args.client_processes, concurrency))),
            "--duration", str(args.window_seconds), "--warmup", str(args.warmup_seconds)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -188,10 +204,11 @@ def measure(variant: Variant, server: ServerProcess, args: argparse.Namespace, r
     result, client_cpu = run_loadgen(server.address, args, concurrency)
     cpu1, served1 = process_cpu_seconds(pid), requests_served(metrics_port)
     served = served1 - served0
+    cpu_us = cpu_per_request_us(cpu0, cpu1, served0, served1)
     return {"label": variant.label, "round": round_, "concurrency": concurrency,
             "images_per_s": result["images_per_s"] or 0.0, "p50_us": (result["p50_ms"] or 0.0) * 1000,
             "p99_us": (result["p99_ms"] or 0.0) * 1000,
-            "server_cpu_us_per_request": cpu_per_request_us(cpu0, cpu1, served0, served1),
+            "server_cpu_us_per_request": cpu_us, "images_per_server_cpu_s": args.batch * 1e6 / cpu_us,
             "client_cpu_us_per_request": client_cpu / max(1.0, served) * 1e6,
             "server_requests": served, "errors": result["errors"]}
 
@@ -226,11 +243,10 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
             if not mine:
                 continue
             row = {"label": label, "concurrency": concurrency,
-                   **{k: statistics.median(r[k] for r in mine)
-                      for k in ("images_per_s", "p50_us", "server_cpu_us_per_request")},
+                   **{k: statistics.median(r[k] for r in mine) for k in SUMMARY_KEYS},
                    "rounds_images_per_s": [r["images_per_s"] for r in mine]}
             base = base or row
-            for k in ("images_per_s", "p50_us", "server_cpu_us_per_request"):
+            for k in SUMMARY_KEYS:
                 row[f"{k}_ratio"] = row[k] / base[k] if base[k] else float("nan")
             rows.append(row)
     return rows
@@ -239,11 +255,12 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     """The fixed-width table the A/B figures in BENCHMARKS.md are read from."""
     lines = [f"{'variant':<12}{'conc':>5}{'infer/s (median)':>18}{'ratio':>7}{'p50 us':>10}{'ratio':>7}"
-             f"{'server CPU us/req':>19}{'ratio':>7}  rounds infer/s"]
+             f"{'server CPU us/req':>19}{'ratio':>7}{'images/server CPU-s':>21}{'ratio':>7}  rounds infer/s"]
     for r in rows:
         lines.append(f"{r['label']:<12}{r['concurrency']:>5}{r['images_per_s']:>18,.0f}{r['images_per_s_ratio']:>7.2f}"
                      f"{r['p50_us']:>10,.0f}{r['p50_us_ratio']:>7.2f}{r['server_cpu_us_per_request']:>19,.0f}"
-                     f"{r['server_cpu_us_per_request_ratio']:>7.2f}  "
+                     f"{r['server_cpu_us_per_request_ratio']:>7.2f}{r['images_per_server_cpu_s']:>21,.0f}"
+                     f"{r['images_per_server_cpu_s_ratio']:>7.2f}  "
                      + " / ".join(format(x, ".0f") for x in r["rounds_images_per_s"]))
     return "\n".join(lines)
 
@@ -263,6 +280,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-seconds", type=float, default=2.0, help="measured seconds per run")
     p.add_argument("--warmup-seconds", type=float, default=0.5, help="loadgen seconds before each window")
     p.add_argument("--api", choices=("kserve", "typed"), default="kserve", help="ModelInfer or typed Classify")
+    p.add_argument("--batch", type=int, default=1, help="images per request")
     p.add_argument("--client", choices=("aio", "tritonclient"), default="aio",
                    help="pre-serialised grpc.aio calls, or tritonclient as users call it (KServe only)")
     p.add_argument("--client-processes", type=int, default=1, help="load-generator processes")
@@ -282,8 +300,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[Variant
             raise ValueError
     except ValueError:
         p.error(f"--concurrency {args.concurrency!r}: expected comma-separated positive integers")
-    if args.rounds < 1 or args.window_seconds <= 0 or args.client_processes < 1:
-        p.error("--rounds and --client-processes must be >= 1, --window-seconds > 0")
+    if args.rounds < 1 or args.window_seconds <= 0 or args.client_processes < 1 or args.batch < 1:
+        p.error("--rounds, --client-processes and --batch must be >= 1, --window-seconds > 0")
     if args.client == "tritonclient" and args.api != "kserve":
         p.error("--client tritonclient speaks KServe only (--api kserve)")
     if not (args.model_repository / MANIFEST_FILE).is_file():
@@ -311,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         config = {"model_repository": str(args.model_repository), "variants": args.variant,
                   "concurrency": args.concurrency, "rounds": args.rounds, "window_seconds": args.window_seconds,
-                  "api": args.api, "client": args.client, "client_processes": args.client_processes,
+                  "api": args.api, "batch": args.batch, "client": args.client,
+                  "client_processes": args.client_processes,
                   "seconds": round(time.time() - started, 1)}
         args.json.write_text(json.dumps({"config": config, "runs": runs, "summary": rows}, indent=1) + "\n")
         print(f"wrote {args.json}")

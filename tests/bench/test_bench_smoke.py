@@ -134,3 +134,19 @@ def test_gpu_script_skips_steps_once_its_budget_is_spent_and_still_packs(tmp_pat
     summary = run_gpu_script(tmp_path, tiny_mnist_root, STEPS="reproduce,bench", BUDGET="12")
     assert "=== reproduce: skipped, budget spent" in summary and "=== bench_train: skipped" in summary
     assert (tmp_path / "out" / "gpu_results.tgz").stat().st_size > 0
+
+
+@pytest.mark.slow  # long end to end; `make test-slow`
+def test_gpu_script_sweeps_workers_on_the_tiny_and_the_real_model(tmp_path, tiny_mnist_root):
+    """The --workers sweep (issue 23) at toy size: each count served side by side, on both models."""
+    import json
+    import tarfile
+
+    summary = run_gpu_script(tmp_path, tiny_mnist_root, STEPS="workers", WORKERS_SWEEP="1,2", BUDGET="500")
+    steps = [line.split()[1] for line in summary.splitlines() if line.startswith("=== ")]
+    assert steps == ["tiny_repo", "train_for_workers", "export_for_workers", "workers_tiny", "workers_repo"], summary
+    assert summary.count("rc=0 in") == len(steps), summary
+    with tarfile.open(tmp_path / "out" / "gpu_results.tgz") as tar:
+        assert {"./workers_tiny.json", "./workers_repo.json"} <= set(tar.getnames())
+    runs = json.loads((tmp_path / "work" / "workers_tiny.json").read_text())
+    assert json.dumps(runs).count('"w2"') >= 1 and json.dumps(runs).count('"w1"') >= 1
