@@ -21,6 +21,9 @@ coalesced by serving.backends.batching into backend calls in one worker thread p
 --max-queue-delay-us, --max-queue-size, --no-dynamic-batching); encoded images are decoded in a small pool.
 Security (serving.security): --tls-cert/--tls-key [--tls-client-ca] and --auth-token-file; metrics
 (serving.metrics): Triton's names at http://HOST:METRICS_PORT/metrics.
+--workers N (N > 1): this process becomes the parent of N such servers on the same ports (serving.workers); each
+worker runs serve() with its WorkerLink: SO_REUSEPORT, metrics on a private socket, and the models loaded before
+it listens (step 3 before step 2), so a restarted worker takes no connection it cannot answer yet.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ from serving.security import TlsConfig, TokenAuth
 from serving.core.inference import InferenceCore
 from serving.http.app import HttpOptions, HttpServer
 from serving.grpc.typed import SERVICE_NAME, DigitServicer
+from serving.worker_link import WorkerLink
+from serving.workers import supervise
 
 __all__ = ["get_args_parser", "main", "serve"]
 
@@ -109,6 +114,14 @@ class _Shutdown:
         if self._count > 1:
             self.forced.set()
 
+    def order(self, forced: bool, reason: str) -> None:
+        """The parent of --workers says drain (or stop at once); idempotent, so a signal that reached the worker
+        too (sent to the whole process group) counts once."""
+        log_event(logger, logging.INFO, "parent_order", order="stop" if forced else "drain", reason=reason)
+        self.event.set()
+        if forced:
+            self.forced.set()
+
     def close(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._loop.remove_signal_handler(signum)
@@ -127,9 +140,20 @@ class _App:
     http: HttpServer | None = None
     address: str = ""
     metrics: MetricsServer | None = None
+    worker: WorkerLink | None = None  # one of --workers N: its link to the parent
 
 
-def _build(args: argparse.Namespace, plan: Plan) -> _App:
+def _announce(app: _App, event: str, **fields) -> None:
+    """A lifecycle event the parent of --workers speaks for the whole server (listening, ready, stopped): a worker
+    logs it as worker_EVENT and tells the parent."""
+    if app.worker is None:
+        log_event(logger, logging.INFO, event, **fields)
+        return
+    log_event(logger, logging.INFO, f"worker_{event}", **fields)
+    app.worker.send(event, fields=fields)
+
+
+def _build(args: argparse.Namespace, plan: Plan, worker: WorkerLink | None = None) -> _App:
     """Step 2: the gRPC server with its interceptor and services (not yet bound)."""
     stats = {e.name: ModelStats(e.name, e.version) for e in plan.served}  # servicers charge calls to these
     drain = Drain()
@@ -137,7 +161,8 @@ def _build(args: argparse.Namespace, plan: Plan) -> _App:
         interceptors=[BoundaryInterceptor(TokenAuth(plan.token) if plan.token else None, drain)],
         options=[("grpc.max_receive_message_length", args.max_message_bytes),
                  ("grpc.max_send_message_length", -1),
-                 ("grpc.so_reuseport", 0)],  # a busy port is an error, not a silently shared one
+                 # a busy port is an error, not a silently shared one; a worker shares its parent's
+                 ("grpc.so_reuseport", 1 if worker else 0)],
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,
     )
     decoder = Decoder(args.decode_threads, args.max_decode_queue, args.max_image_pixels, args.max_request_pixels,
@@ -158,13 +183,20 @@ def _build(args: argparse.Namespace, plan: Plan) -> _App:
         (SERVICE_NAME, KSERVE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     return _App(server=server, health=health, drain=drain, decoder=decoder, stats=stats, runners=runners, core=core,
-                http=http)
+                http=http, worker=worker)
 
 
 async def _listen(args: argparse.Namespace, plan: Plan, app: _App) -> None:
     """Step 3: bind the gRPC port and the metrics endpoint, start answering (health NOT_SERVING)."""
     app.address = _bind(app.server, args.host, args.port, plan.tls)
-    if args.metrics_port >= 0:
+    if app.worker is not None:
+        try:
+            app.metrics = MetricsServer.start_unix(app.stats.values(), app.worker.metrics_socket)
+        except StartupError:
+            await app.server.stop(None)
+            app.decoder.close()
+            raise
+    elif args.metrics_port >= 0:
         auth = TokenAuth(plan.token) if plan.token else None
         try:
             app.metrics = MetricsServer.start(
@@ -177,7 +209,8 @@ async def _listen(args: argparse.Namespace, plan: Plan, app: _App) -> None:
             raise
     if app.http is not None:
         try:
-            await app.http.start(args.host, args.http_port, plan.tls.ssl_context() if plan.tls else None)
+            await app.http.start(args.host, args.http_port, plan.tls.ssl_context() if plan.tls else None,
+                                 reuse_port=app.worker is not None)
         except StartupError:
             await app.server.stop(None)
             app.decoder.close()
@@ -188,7 +221,7 @@ async def _listen(args: argparse.Namespace, plan: Plan, app: _App) -> None:
     if plan.token and not plan.tls and not _loopback(args.host):
         log_event(logger, logging.WARNING, "token_without_tls", host=args.host,
                   hint="the bearer token crosses the network in clear text; add --tls-cert/--tls-key")
-    log_event(logger, logging.INFO, "listening", address=app.address, port=int(app.address.rsplit(":", 1)[1]),
+    _announce(app, "listening", address=app.address, port=int(app.address.rsplit(":", 1)[1]),
               pid=os.getpid(), models=[e.name for e in plan.served], health="NOT_SERVING",
               http_port=app.http.port if app.http else None,
               metrics_port=app.metrics.port if app.metrics else None, tls=plan.tls is not None,
@@ -222,7 +255,7 @@ async def _load_models(args: argparse.Namespace, plan: Plan, app: _App, shutdown
 def _log_ready(args: argparse.Namespace, plan: Plan, app: _App) -> None:
     typed = app.runners[plan.typed_model.name].backend
     manifest = plan.manifest
-    log_event(logger, logging.INFO, "ready", address=app.address, port=int(app.address.rsplit(":", 1)[1]),
+    _announce(app, "ready", address=app.address, port=int(app.address.rsplit(":", 1)[1]),
               models=sorted(app.runners), model=plan.typed_model.name, backend=typed.kind, device=typed.device,
               providers=list(typed.providers), net=manifest.net, margin=manifest.margin,
               embedding_dim=manifest.embedding_dim, test_accuracy=manifest.test_accuracy,
@@ -230,8 +263,8 @@ def _log_ready(args: argparse.Namespace, plan: Plan, app: _App) -> None:
               max_message_bytes=plan.limits.max_message_bytes, dynamic_batching=args.dynamic_batching,
               max_batch_size={name: b.max_batch_size for name, b in plan.batching.items()},
               max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
-              intra_op_threads=args.intra_op_threads, metrics_port=app.metrics.port if app.metrics else None,
-              http_port=app.http.port if app.http else None)
+              inline_below_us=args.inline_below_us, intra_op_threads=args.intra_op_threads,
+              metrics_port=app.metrics.port if app.metrics else None, http_port=app.http.port if app.http else None)
 
 
 async def _drain_and_stop(args: argparse.Namespace, app: _App, shutdown: "_Shutdown",
@@ -273,16 +306,23 @@ async def _drain_and_stop(args: argparse.Namespace, app: _App, shutdown: "_Shutd
         app.metrics.close()
 
 
-async def serve(args: argparse.Namespace) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown). The steps: plan → build →
-    listen → load → (serve until a signal) → drain and stop."""
-    shutdown = _Shutdown(asyncio.get_running_loop())
+async def serve(args: argparse.Namespace, worker: WorkerLink | None = None) -> int:
+    """Run until SIGTERM/SIGINT (a worker: or its parent's order); returns the exit status (0 after a clean
+    shutdown). The steps: plan → build → listen → load → (serve until a signal) → drain and stop; a worker loads
+    before it listens."""
+    loop = asyncio.get_running_loop()
+    shutdown = _Shutdown(loop)
+    if worker is not None:
+        worker.watch(loop, shutdown.order)
     plan = make_plan(args)
-    app = _build(args, plan)
-    await _listen(args, plan, app)
+    app = _build(args, plan, worker)
+    if worker is None:
+        await _listen(args, plan, app)
     loading = trimming = None
     try:
         loading = await _load_models(args, plan, app, shutdown)
+        if worker is not None and not shutdown.event.is_set():
+            await _listen(args, plan, app)
         if not shutdown.event.is_set():
             await app.health.set_all(SERVING)
             _log_ready(args, plan, app)
@@ -292,7 +332,7 @@ async def serve(args: argparse.Namespace) -> int:
         if trimming is not None:
             trimming.cancel()
         await _drain_and_stop(args, app, shutdown, loading)
-    log_event(logger, logging.INFO, "stopped")
+    _announce(app, "stopped")
     return 0
 
 
@@ -313,16 +353,22 @@ async def _until(work, cancel: asyncio.Event) -> bool:
     return task in done and task.result()
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, worker: WorkerLink | None = None) -> int:
     faulthandler.enable()  # a native crash prints every thread's Python stack to stderr
     configure_logging(args.log_level, args.log_format)
+    if worker is not None:
+        worker.tag_logs()
     configure_pillow(args.max_image_pixels)
     fix_mmap_threshold()  # freed image buffers go back to the system (serving.malloc)
     try:
-        return asyncio.run(serve(args))
+        if worker is None and getattr(args, "workers", 1) > 1:
+            return supervise(args)
+        return asyncio.run(serve(args, worker))
     except StartupError as exc:  # UsageError (flags that cannot work together) exits 2, as argparse's errors do
         log_event(logger, logging.ERROR, "startup_failed", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
+        if worker is not None:
+            worker.send("startup_failed", error=str(exc))
         return 2 if isinstance(exc, UsageError) else 1
 
 
@@ -334,7 +380,8 @@ def run_cli() -> None:
     crashed (SIGSEGV, about 1 run in 10 with the TorchScript backend), turning a clean stop into exit
     code -11; os._exit skips that teardown so the exit code is the one main() returned.
     """
-    _exit_now(main(get_args_parser().parse_args()))
+    worker = WorkerLink.from_env()  # started by a parent of --workers N: its flags come from there
+    _exit_now(main(worker.args if worker else get_args_parser().parse_args(), worker))
 
 
 if __name__ == "__main__":

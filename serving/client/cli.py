@@ -12,6 +12,8 @@
     python -m serving.client evaluate --input IMAGES --labels LABELS [--json]
         classify a uint8 .npy/IDX of digits in batches and print the accuracy (and the manifest's, to compare)
     python -m serving.client info
+Every command takes --connections N: N TCP connections, calls taking them in turn (a server started with
+--workers N is reached on all its processes only through several connections).
 Secured servers: --tls-ca CA.pem (or --tls for the system roots) [--tls-cert C --tls-key K for mutual TLS]
 [--tls-server-name NAME] and --token T (default: env LSOFTMAX_AUTH_TOKEN) or --token-file F.
 Exit status: 0 on success, 1 when the server or the input says no (the message names the file), 2 on usage
@@ -58,6 +60,9 @@ def _add_common(p: argparse.ArgumentParser, images: bool = True) -> None:
     p.add_argument("--server", default=os.environ.get("LSOFTMAX_SERVER", DEFAULT_ADDRESS),
                    help="HOST:PORT of the server (env LSOFTMAX_SERVER)")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline per request in seconds, retries included")
+    p.add_argument("--connections", type=_at_least_one, default=1,
+                   help="TCP connections to the server, calls taking them in turn: the kernel hands each connection "
+                        "to one process of a server started with --workers N, so use N or more to reach them all")
     add_client_args(p)
     if images:
         p.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
@@ -325,7 +330,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     """Run one command; returns the exit status: 0 done, 1 the server, a file or the input said no."""
     try:
-        with Client(args.server, timeout=args.timeout, **client_kwargs(args)) as client:
+        with Client(args.server, timeout=args.timeout, connections=args.connections, **client_kwargs(args)) as client:
             return COMMANDS[args.command](client, args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)

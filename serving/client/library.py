@@ -5,6 +5,7 @@ Import it as `serving.client` (the package re-exports everything here; its docst
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -129,32 +130,51 @@ def _finish(entry, on_result):
 
 
 class Client:
+    """connections: TCP connections to each server address, calls taking them in turn (a retry takes the next). A
+    server started with --workers N has the kernel hand each new connection to one of its N processes, so a client
+    reaches all of them only through several connections (N or more; which worker gets which is the kernel's
+    choice). Each connection is a channel with its own subchannel pool: gRPC would otherwise share one connection
+    between channels to the same target with the same options."""
+
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 30.0, retries: int = 5,
                  initial_backoff: float = 0.1, max_backoff: float = 2.0,
                  max_receive_bytes: int = 256 * 1024 * 1024, token: str | None = None, tls: bool = False,
                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-                 tls_server_name: str | None = None) -> None:
+                 tls_server_name: str | None = None, connections: int = 1) -> None:
+        if connections < 1:
+            raise ValueError(f"connections must be at least 1, got {connections}")
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
         self._metadata = bearer_metadata(token)
-        self._channel = client_channel(address, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
-                                     tls_server_name=tls_server_name,
-                                     options=[("grpc.max_receive_message_length", max_receive_bytes),
-                                              ("grpc.max_send_message_length", -1)])
-        self._stub = pb_grpc.DigitServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        options = [("grpc.max_receive_message_length", max_receive_bytes), ("grpc.max_send_message_length", -1)]
+        if connections > 1:
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        self._channels = [client_channel(address, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                         tls_server_name=tls_server_name, options=options)
+                          for _ in range(connections)]
+        self._stubs = [pb_grpc.DigitServiceStub(channel) for channel in self._channels]
+        self._turns = itertools.count()  # next() is atomic: threads of ordered_map share it
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> "Client":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _rpc(self, method: str) -> Callable:
+        """The unary `method` on the next connection each time it is called: calls and their retries take the
+        connections in turn."""
+        def call(request, timeout: float, metadata):
+            stub = self._stubs[next(self._turns) % len(self._stubs)]
+            return getattr(stub, method)(request, timeout=timeout, metadata=metadata)
+        return call
 
     def _call(self, rpc, request, timeout: float | None):
         """One unary call with an overall deadline, retried on UNAVAILABLE with jittered exponential backoff."""
@@ -178,7 +198,7 @@ class Client:
         uint8 [28, 28] the model was fed (`model_input`), to see what the preprocessing made of an image."""
         request = pb.ClassifyRequest(images=image_messages(images), top_k=top_k, return_logits=return_logits,
                                      return_inputs=return_inputs, options=_options(invert, fit))
-        response = self._call(self._stub.Classify, request, timeout)
+        response = self._call(self._rpc("Classify"), request, timeout)
         return [Classification(label=r.label, probability=r.probability,
                                top_k=[(s.label, s.probability) for s in r.top_k],
                                logits=np.asarray(r.logits, np.float32) if return_logits else None,
@@ -192,28 +212,32 @@ class Client:
         """One request; returns float32 [N, D]."""
         request = pb.EmbedRequest(images=image_messages(images), l2_normalize=l2_normalize,
                                   options=_options(invert, fit))
-        response = self._call(self._stub.Embed, request, timeout)
+        response = self._call(self._rpc("Embed"), request, timeout)
         if not response.embeddings:
             return np.zeros((0, response.dim), np.float32)
         return np.asarray([e.values for e in response.embeddings], np.float32).reshape(-1, response.dim)
 
     def info(self, timeout: float | None = None) -> dict:
         """GetModelInfo as a dict (proto field names), with the manifest parsed under "manifest"."""
-        response = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+        response = self._call(self._rpc("GetModelInfo"), pb.GetModelInfoRequest(), timeout)
         info = json_format.MessageToDict(response, preserving_proto_field_name=True)
         info["manifest"] = json.loads(info.pop("manifest_json", "{}"))
         return info
 
     def wait_until_serving(self, timeout: float = 30.0, service: str = "") -> None:
-        """Poll grpc.health.v1 until `service` is SERVING; TimeoutError otherwise."""
+        """Poll grpc.health.v1 until `service` is SERVING on every connection; TimeoutError otherwise."""
         deadline = time.monotonic() + timeout
         last = "no answer"
+        waiting = [health_pb2_grpc.HealthStub(channel) for channel in self._channels]
         while time.monotonic() < deadline:
             try:
-                reply = self._health.Check(health_pb2.HealthCheckRequest(service=service),
-                                           timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+                reply = waiting[0].Check(health_pb2.HealthCheckRequest(service=service),
+                                         timeout=max(0.1, min(2.0, deadline - time.monotonic())))
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+                    waiting.pop(0)
+                    if not waiting:
+                        return
+                    continue
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.RpcError as err:
                 last = f"{err.code().name}: {err.details()}"

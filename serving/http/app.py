@@ -78,11 +78,12 @@ class HttpServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, host: str, port: int, ssl_context=None) -> None:
+    async def start(self, host: str, port: int, ssl_context=None, reuse_port: bool = False) -> None:
+        """reuse_port: one of --workers N, sharing the port its parent claimed (SO_REUSEPORT)."""
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]"), port, ssl_context=ssl_context, backlog=128,
-                           reuse_address=True)
+                           reuse_address=True, reuse_port=reuse_port)
         try:
             await site.start()
         except OSError as exc:
