@@ -64,8 +64,10 @@ def export_repository(checkpoint: str | Path, out: str | Path, force: bool = Fal
     The temperature and the known_score detector and threshold are fitted on the checkpoint's held-out training
     images (fit_images/fit_labels instead when given; the last 5000 training images with fit_on_training_images;
     else not fitted: temperature 1 and no threshold, said in one line). detector: one export.detectors can put in
-    the graph (IN_GRAPH). int8: add the statically quantised ONNX model (export.quantize), calibrated on those
-    same fit images (refused without them) and verified against the FP32 graph on the verification images.
+    the graph (IN_GRAPH), or `auto`: the one measured best for how the checkpoint was trained (detector_for).
+    int8: add the statically quantised ONNX model (export.quantize), calibrated on those same fit images (refused
+    without them), with its own temperature and threshold fitted on them (export.int8_fit), and verified against
+    the FP32 graph on the verification images.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     _check_detector(detector)
@@ -89,7 +91,7 @@ def export_repository(checkpoint: str | Path, out: str | Path, force: bool = Fal
         manifest, report = build(tmp, checkpoint, ckpt, net, inference, images, labels, on_full_test_set,
                                  max_batch_size, opset, fits)
         if int8:
-            manifest = add_int8(tmp, manifest, fit_x, fitted_on, images, labels, log)
+            manifest = add_int8(tmp, manifest, fit_x, fit_y, fitted_on, images, labels, log)
     for line in report.lines():
         log(line)
     if manifest.test_accuracy is not None and report.accuracy:

@@ -23,12 +23,12 @@ from export.graphs import load_onnx_session, load_torchscript, onnx_report, writ
 from export.quantize import Int8Error, build_int8
 from export.verify import ParityReport, accuracy_mismatch, check_parity
 from serving.repository.config import model_config, read_config, write_config
-from serving.repository.format import (BY_KIND, CONFIG_FILE, DEFAULT_VERSION, FORMATS, MANIFEST_FILE, MODEL_PREFIX,
-                                       ONNX_INT8_MODEL, ModelFormat)
+from serving.repository.format import (BY_KIND, CONFIG_FILE, DEFAULT_VERSION, FORMATS, MANIFEST_FILE,
+                                       MODEL_CALIBRATION, MODEL_PREFIX, ONNX_INT8_MODEL, ModelFormat)
 from serving.repository.manifest import InputSpec, ModelSpec, RepositoryManifest, TensorSpec, write_manifest
 from training.data import sha256_file
 
-__all__ = ["config_parameters", "write_model", "manifest_of", "build", "add_int8", "versions"]
+__all__ = ["config_parameters", "write_model", "manifest_of", "build", "add_int8", "int8_report", "versions"]
 
 
 def versions() -> dict:
@@ -109,37 +109,58 @@ def build(tmp: Path, checkpoint: Path, ckpt: dict, net, inference, images, label
     return manifest, report
 
 
-def add_int8(tmp: Path, manifest: RepositoryManifest, calibration_images: torch.Tensor, calibrated_on: dict,
-             images: torch.Tensor, labels: torch.Tensor | None, log) -> RepositoryManifest:
-    """REPO/lsoftmax_mnist_onnx_int8/{config.pbtxt, 1/model.onnx}: the verified FP32 ONNX graph quantised and
-    checked against it (export.quantize), with the FP32 model's config.pbtxt under its own name, listed in
-    manifest.json (models, files) with its `int8` record. A broken bound fails the export."""
+def add_int8(tmp: Path, manifest: RepositoryManifest, calibration_images: torch.Tensor,
+             calibration_labels: torch.Tensor, calibrated_on: dict, images: torch.Tensor, labels: torch.Tensor | None,
+             log) -> RepositoryManifest:
+    """REPO/lsoftmax_mnist_onnx_int8/{config.pbtxt, 1/model.onnx}: the verified FP32 ONNX graph quantised, its own
+    temperature and threshold fitted on the held-out images the FP32 ones were (export.int8_fit), and checked
+    against FP32 (export.quantize); config.pbtxt is the FP32 model's under its own name with its own fitted
+    parameters. Listed in manifest.json (models, files) with its `int8` record and its model_calibration entry,
+    which the server answers with. A broken bound fails the export."""
     fp32 = BY_KIND["onnx"]
     path = tmp / ONNX_INT8_MODEL / DEFAULT_VERSION / fp32.filename
     path.parent.mkdir(parents=True)
-    threshold = (manifest.records.get("open_set") or {}).get("threshold")
+    fp32_fits = {key: manifest.records.get(key) or {} for key in ("calibration", "open_set")}
     try:
-        record = build_int8(tmp / fp32.file(), path, calibration_images.numpy(), calibrated_on, images.numpy(),
-                            None if labels is None else labels.numpy(), threshold)
+        record, own = build_int8(tmp / fp32.file(), path, calibration_images.numpy(), calibration_labels.numpy(),
+                                 calibrated_on, images.numpy(), None if labels is None else labels.numpy(), fp32_fits)
     except Int8Error as exc:
         raise ExportError(str(exc)) from None
     config = read_config(tmp / fp32.directory / CONFIG_FILE)
     config.name = ONNX_INT8_MODEL
+    for key, value in config_parameters(own).items():
+        config.parameters[key].string_value = value
     write_config(tmp / ONNX_INT8_MODEL, config)
     files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
              if p.is_file() and p.name != MANIFEST_FILE}
     spec = ModelSpec(backend=fp32.backend, file=path.relative_to(tmp).as_posix(), sha256=sha256_file(path))
+    calibrations = {**(manifest.records.get(MODEL_CALIBRATION) or {}), ONNX_INT8_MODEL: own}
     manifest = dataclasses.replace(manifest, models={**manifest.models, ONNX_INT8_MODEL: spec}, files=files,
-                                   records={**manifest.records, "int8": record})
+                                   records={**manifest.records, "int8": record, MODEL_CALIBRATION: calibrations})
     write_manifest(tmp, manifest)
-    check = record["verification"]
-    accuracy = check["accuracy"] or {}
-    log(f"int8: {ONNX_INT8_MODEL} ({len(record['quantized_nodes'])} Conv nodes quantised) vs FP32 on {check['images']} "
-        f"images: top-1 agreement {check['top1_agreement']:.2f}%, accuracy "
-        + (f"{accuracy['fp32']:.2f}% -> {accuracy['int8']:.2f}%" if accuracy else "n/a")
-        + f", embedding cosine mean {check['embedding_cosine_mean']:.5f} (min {check['embedding_cosine_min']:.4f})"
-        + (f", max|dknown_score| {check['known_score_max_abs_diff']:.3g} (of {check['known_score_scale']:.3g})"
-           if check["known_score_max_abs_diff"] is not None else "")
-        + (f", accept/reject agreement {check['decision_agreement']:.2f}%" if check["decision_agreement"] is not None
-           else ""))
+    for line in int8_report(record, fp32_fits, own):
+        log(line)
     return manifest
+
+
+def int8_report(record: dict, fp32_fits: dict, own: dict) -> list[str]:
+    """The export's lines on the INT8 model: its verification against FP32, and its own fit beside FP32's."""
+    check = record["verification"]
+    accuracy, accepted = check["accuracy"] or {}, check.get("accepted") or {}
+    lines = [f"int8: {ONNX_INT8_MODEL} ({len(record['quantized_nodes'])} Conv nodes quantised) vs FP32 on "
+             f"{check['images']} images: top-1 agreement {check['top1_agreement']:.2f}%, accuracy "
+             + (f"{accuracy['fp32']:.2f}% -> {accuracy['int8']:.2f}%" if accuracy else "n/a")
+             + f", embedding cosine mean {check['embedding_cosine_mean']:.5f} (min {check['embedding_cosine_min']:.4f})"
+             + (f", max|dknown_score| {check['known_score_max_abs_diff']:.3g} (of {check['known_score_scale']:.3g})"
+                if check["known_score_max_abs_diff"] is not None else "")]
+    fp32_temperature, int8_temperature = fp32_fits["calibration"].get("temperature"), own["calibration"]["temperature"]
+    line = (f"int8: own fit on the FP32 fit's held-out images: temperature {int8_temperature:.4g} "
+            f"(FP32 {fp32_temperature:.4g})")
+    if check["decision_agreement"] is not None:
+        line += (f", known_score threshold {check['int8_threshold']:.6g} (FP32 {check['threshold']:.6g}) accepts "
+                 f"{100 * own['open_set']['fit_accepted']:.2f}% of {own['open_set']['threshold_images']}; on the "
+                 f"{check['images']} verification images accept/reject agrees with FP32 on "
+                 f"{check['decision_agreement']:.2f}% at each model's own threshold "
+                 f"({check['decision_agreement_at_fp32_threshold']:.2f}% at FP32's), digits accepted FP32 "
+                 f"{accepted['fp32']:.2f}%, INT8 {accepted['int8']:.2f}%")
+    return [*lines, line]

@@ -9,12 +9,14 @@ from serving.backends import BACKENDS, DEVICES
 from serving.images.budget import DEFAULT_MAX_DECODE_BYTES
 from serving.images.decoding import DEFAULT_MAX_IMAGE_PIXELS
 from serving.logs import LOG_LEVELS
+from serving.precision import PRECISION_CHOICES
 from serving.security import TOKEN_ENV
 from serving.grpc.typed import Limits
 
-__all__ = ["get_args_parser", "DEFAULT_QUEUE_DELAY_US", "DEFAULT_QUEUE_SIZE", "DEFAULT_MAX_CONCURRENT_RPCS",
+__all__ = ["get_args_parser", "DEFAULT_INLINE_BELOW_US", "DEFAULT_QUEUE_DELAY_US", "DEFAULT_QUEUE_SIZE", "DEFAULT_MAX_CONCURRENT_RPCS",
            "DEFAULT_INTRA_OP_THREADS"]
 
+DEFAULT_INLINE_BELOW_US = 100  # above the thread hand-off's cost, below this net's batch on the CPU (BENCHMARKS.md)
 DEFAULT_QUEUE_DELAY_US = 0  # measured best on CPU (loadgen sweep): a busy backend already gathers the next batch
 DEFAULT_QUEUE_SIZE = 1024
 DEFAULT_INTRA_OP_THREADS = 1  # measured (issue 16): see --intra-op-threads' help
@@ -43,6 +45,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=sorted(BACKENDS), default=None,
                    help="serve only the repository's model of this format (default: all)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when a GPU is present, else CPU")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="which ONNX model the typed API serves when the repository holds both (export --int8): auto "
+                        "serves INT8 where ONNX Runtime runs on the CPU and FP32 on CUDA; fp32 or int8 forces one "
+                        "(int8 needs the INT8 model). Each answers with its own fitted temperature and threshold")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one (see the `listening` log line)")
     p.add_argument("--http-port", type=_positive(int, maximum=65535, minimum=-1), default=8000,
@@ -91,6 +97,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="longest a request may wait for others to join its batch, and only when the last batch held "
                         "more requests than are queued (a lone request never waits); >0 can pay off on a GPU, on "
                         "CPU requests queued while the backend is busy already form the batches")
+    b.add_argument("--inline-below-us", type=_positive(int, minimum=0), default=DEFAULT_INLINE_BELOW_US,
+                   help="run a batch on the event loop, not the inference thread, while the model's recent batches "
+                        "took less than this on average: the thread hand-off costs more than a cheap batch (a tiny "
+                        "model, or this net on a GPU); 0: always the thread")
     b.add_argument("--max-queue-size", type=_positive(int, minimum=0), default=DEFAULT_QUEUE_SIZE,
                    help="requests queued per model before new ones get UNAVAILABLE 'Exceeds maximum queue size' "
                         "(0: unbounded)")
@@ -107,6 +117,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         f"`authorization: Bearer <token>` (also: env {TOKEN_ENV}; none: no token needed)")
     t.add_argument("--auth-token", default=None,
                    help="the token itself (visible in the process list; prefer --auth-token-file)")
+    p.add_argument("--workers", type=_positive(int, maximum=256), default=1,
+                   help="server processes sharing the ports (Linux, SO_REUSEPORT), each with its own event loop, "
+                        "batcher and model sessions, under a parent that restarts them and sums their metrics; the "
+                        "kernel spreads connections, not calls, over them (clients: open several connections). "
+                        "1: one process, no parent")
     p.add_argument("--grace-seconds", type=float, default=10.0, help="time in-flight calls get to finish on SIGTERM")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="debug logs one line per request")
     p.add_argument("--log-format", choices=("json", "text"), default="json", help="json: one object per line")

@@ -19,6 +19,7 @@ from serving.core.errors import StartupError
 from serving.grpc.typed import Limits
 from serving.logs import log_event
 from serving.metrics import ModelStats
+from serving.precision import choose_precision, default_max_batch_size
 from serving.repository.model_config import read_model_config
 from serving.repository.reader import Manifest, ModelEntry, read_manifest, verify_sha256
 from serving.security import TlsConfig, read_token
@@ -49,16 +50,18 @@ def load_model(entry: ModelEntry, manifest: Manifest, device: str, warmup_batch:
 
 
 def _batching(args: argparse.Namespace, entries: list[ModelEntry], manifest: Manifest) -> tuple[dict, dict]:
-    """Each model's config.pbtxt and BatchingConfig; --max-batch-size may not exceed the model's."""
+    """Each model's config.pbtxt and BatchingConfig; --max-batch-size may not exceed the model's (without it, the
+    INT8 model's backend batches are smaller: serving.precision.default_max_batch_size)."""
     configs, batching = {}, {}
     for entry in entries:
         config = configs[entry.name] = read_model_config(entry, manifest)
-        limit = args.max_batch_size or config.max_batch_size
+        limit = args.max_batch_size or default_max_batch_size(entry, config.max_batch_size)
         if limit > config.max_batch_size:
             raise StartupError(f"--max-batch-size {limit} exceeds model {entry.name!r}'s max_batch_size "
                                f"{config.max_batch_size} (config.pbtxt)")
         batching[entry.name] = BatchingConfig(max_batch_size=limit, max_queue_delay_us=args.max_queue_delay_us,
-                                              max_queue_size=args.max_queue_size, enabled=args.dynamic_batching)
+                                              max_queue_size=args.max_queue_size, enabled=args.dynamic_batching,
+                                              inline_below_us=args.inline_below_us)
     return configs, batching
 
 
@@ -99,18 +102,34 @@ def _servable(entries: list[ModelEntry], explicit: str | None) -> list[ModelEntr
     return servable
 
 
+def _log_typed_model(entry: ModelEntry, manifest: Manifest, requested: str) -> None:
+    """Say which model and precision the typed API serves, and warn when an INT8 model answers with the FP32
+    graph's temperature and threshold (a repository exported before INT8 had its own, issue 23)."""
+    calibration = manifest.calibration(entry.name)
+    log_event(logger, logging.INFO, "typed_model", model=entry.name, precision=entry.precision,
+              requested_precision=requested, calibrated_precision=calibration.precision or None,
+              temperature=calibration.temperature, threshold=calibration.threshold)
+    if calibration.precision and calibration.precision != entry.precision:
+        log_event(logger, logging.WARNING, "calibration_not_own", model=entry.name, precision=entry.precision,
+                  calibrated_precision=calibration.precision,
+                  detail=f"its probabilities and not-a-digit decisions use the {calibration.precision.upper()} "
+                         "graph's temperature and threshold; re-export with --int8 to fit its own")
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """Step 1: read the repository, the model configs, TLS files and token; StartupError on any defect."""
     try:
         manifest = read_manifest(args.model_repository)
-        served = _servable(manifest.served(args.model, args.backend), explicit=args.model or args.backend)
+        precision = choose_precision(args.precision, manifest, args.model, args.backend, args.device)
+        served = _servable(manifest.served(args.model, args.backend, precision), explicit=args.model or args.backend)
         for entry in served:
             verify_sha256(entry)
         configs, batching = _batching(args, served, manifest)
     except OSError as exc:  # e.g. a repository the server's user may not read (wrong owner, mode 0700)
         raise StartupError(f"{exc.filename or args.model_repository}: cannot read the model repository "
                            f"({exc.strerror or exc})") from None
-    typed_model = manifest.select(args.model, args.backend)
+    typed_model = manifest.select(args.model, args.backend, precision)
+    _log_typed_model(typed_model, manifest, args.precision)
     return Plan(manifest=manifest, served=served, typed_model=typed_model if typed_model in served else served[0],
                  limits=Limits(args.max_images_per_request, args.max_message_bytes, args.max_image_pixels,
                                args.max_request_pixels),

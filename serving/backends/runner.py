@@ -27,6 +27,8 @@ class ModelRunner:
         self.backend = backend
         self.entry = entry
         self.manifest = manifest
+        # The temperature and threshold this model's answers use: its own graph's (serving.repository.calibration).
+        self.calibration = manifest.calibration(entry.name)
         self.stats = stats or ModelStats(entry.name, entry.version)
         self.batcher = DynamicBatcher(backend.infer, batching, self.stats, name=entry.kind)
 

@@ -10,9 +10,10 @@ and numpy types (no protobuf, no status codes).
 
 It owns model lookup (unknown → NotFound, loading → NotReady), the per-request limits, the one decision between
 raw pixels and encoded images (and their options), the batcher (through each model's runner), and temperature and
-threshold postprocessing. Errors are serving.core.errors types; each transport maps them to its own statuses
-(serving/grpc/status.py, serving/http/errors.py). Calls are charged to their model's metrics
-(serving.metrics.charge) here, where the model becomes known; the transports' boundary records the outcome.
+threshold postprocessing (each model's own: serving.repository.calibration). Errors are serving.core.errors types;
+each transport maps them to its own statuses (serving/grpc/status.py, serving/http/errors.py). Calls are charged to
+their model's metrics (serving.metrics.charge) here, where the model becomes known; the transports' boundary records
+the outcome.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Classified:
     probabilities: np.ndarray  # float32 [N, k]
     logits: np.ndarray  # float32 [N, C]
     known_score: np.ndarray | None  # float32 [N]; None for graphs exported without it
-    rejected: np.ndarray  # bool [N]: known_score below the manifest's threshold
+    rejected: np.ndarray  # bool [N]: known_score below the served model's threshold
     inputs: np.ndarray  # uint8 [N, 1, 28, 28], what the model saw
     model_name: str
     model_version: str
@@ -131,6 +132,7 @@ class InferenceCore:
         """The typed API's GetModelInfo fields."""
         runner = self.typed_runner()
         manifest, entry, backend, batching = runner.manifest, runner.entry, runner.backend, runner.batcher.config
+        calibration = runner.calibration
         return dict(
             model_name=entry.name, model_version=entry.version, net=manifest.net, margin=manifest.margin,
             num_classes=manifest.num_classes, embedding_dim=manifest.embedding_dim,
@@ -140,9 +142,10 @@ class InferenceCore:
             max_message_bytes=self.limits.max_message_bytes, manifest_raw=manifest.raw,
             dynamic_batching=batching.enabled, max_batch_size=batching.max_batch_size,
             max_queue_delay_us=batching.max_queue_delay_us, max_queue_size=batching.max_queue_size,
-            temperature=manifest.temperature,
-            known_score_detector=manifest.known_score_detector if backend.has_known_score else "",
-            known_score_threshold=manifest.known_score_threshold if backend.has_known_score else None,
+            temperature=calibration.temperature,
+            known_score_detector=calibration.detector if backend.has_known_score else "",
+            known_score_threshold=calibration.threshold if backend.has_known_score else None,
+            precision=entry.precision, calibrated_precision=calibration.precision,
         )
 
     # ------------------------------------------------------------------ the typed API
@@ -174,8 +177,8 @@ class InferenceCore:
         outputs = await runner.infer(batch)
         logits = outputs[0]
         known = outputs[2] if len(outputs) > 2 else None  # graphs exported before issue 13 have no known_score
-        threshold = runner.manifest.known_score_threshold if known is not None else None
-        probabilities = postprocess.softmax(logits / np.float32(runner.manifest.temperature))
+        threshold = runner.calibration.threshold if known is not None else None  # the served model's own fit
+        probabilities = postprocess.softmax(logits / np.float32(runner.calibration.temperature))
         labels, scores = postprocess.top_k(probabilities, k)
         rejected = known < threshold if threshold is not None else np.zeros(len(batch), bool)
         return Classified(labels=labels, probabilities=scores, logits=logits, known_score=known, rejected=rejected,

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 __all__ = ["INPUT", "OUTPUT_LOGITS", "OUTPUT_EMBEDDING", "OUTPUT_KNOWN_SCORE", "OUTPUTS", "OPTIONAL_OUTPUTS",
            "ALL_OUTPUTS", "INPUT_DATATYPE", "OUTPUT_DATATYPE",
            "IMAGE_DIMS", "MODEL_PREFIX", "DEFAULT_VERSION", "MANIFEST_FILE", "CONFIG_FILE", "MANIFEST_FORMAT",
-           "MANIFEST_VERSION", "ModelFormat", "FORMATS", "BY_KIND", "BY_BACKEND", "format_named", "ONNX_INT8_MODEL"]
+           "MANIFEST_VERSION", "ModelFormat", "FORMATS", "BY_KIND", "BY_BACKEND", "format_named", "ONNX_INT8_MODEL",
+           "PRECISIONS", "precision_of", "MODEL_CALIBRATION"]
 
 # Tensors (ONNX graph names, KServe tensor names, config.pbtxt input/output names).
 INPUT = "image"
@@ -68,9 +69,19 @@ BY_KIND = {f.kind: f for f in FORMATS}
 BY_BACKEND = {f.backend: f for f in FORMATS}
 # The statically quantised ONNX graph (`python -m export --int8`): a second model of the onnx format (backend
 # "onnxruntime", so it loads and serves like the FP32 one), told apart by its folder, i.e. its model name
-# (`python -m serving --model lsoftmax_mnist_onnx_int8`). Not in FORMATS: a format is one per Triton backend, and
-# the default ONNX model stays the FP32 one (the first onnx model by name).
+# (`python -m serving --model lsoftmax_mnist_onnx_int8`). Not in FORMATS: a format is one per Triton backend. Which
+# of the two ONNX models the typed API serves is --precision's choice (serving.precision: INT8 on the CPU).
 ONNX_INT8_MODEL = f"{BY_KIND['onnx'].directory}_int8"
+PRECISIONS = ("fp32", "int8")  # what a model computes in: every graph is FP32 but the quantised one
+# manifest.json record {model name: {"calibration": {...}, "open_set": {...}}}: the temperature and known_score
+# threshold fitted on that model's own graph (the INT8 one, since issue 23); a model without an entry uses the
+# repository's `calibration` and `open_set`, which were fitted on the FP32 graph.
+MODEL_CALIBRATION = "model_calibration"
+
+
+def precision_of(model_name: str) -> str:
+    """"int8" for the quantised ONNX model, "fp32" for every other model of a repository."""
+    return "int8" if model_name == ONNX_INT8_MODEL else "fp32"
 
 
 def format_named(name: str) -> ModelFormat:

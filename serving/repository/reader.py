@@ -18,8 +18,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from serving.core.errors import StartupError
+from serving.repository.calibration import Calibration, check_model_calibration, model_calibration
 from serving.repository.format import (BY_KIND, CONFIG_FILE, DEFAULT_VERSION, MANIFEST_FILE, MANIFEST_FORMAT,
-                                       MANIFEST_VERSION, ModelFormat)
+                                       MANIFEST_VERSION, ModelFormat, precision_of)
 from serving.repository.manifest import ModelSpec, RepositoryManifest, read_json
 
 __all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "ListedFile", "Manifest", "ModelEntry", "read_manifest",
@@ -50,6 +51,11 @@ class ModelEntry:
     @property
     def format(self) -> ModelFormat:
         return BY_KIND[self.kind]
+
+    @property
+    def precision(self) -> str:
+        """"int8" for the quantised ONNX model, else "fp32"."""
+        return precision_of(self.name)
 
 
 @dataclass(frozen=True)
@@ -109,15 +115,28 @@ class Manifest:
         value = (self.spec.records.get("open_set") or {}).get("detector")
         return value if isinstance(value, str) else ""
 
-    def served(self, model: str | None = None, backend: str | None = None) -> list[ModelEntry]:
-        """The models a server loads: the one --model / --backend names, else every model of the repository."""
-        if model is None and backend is None:
-            return [self.models[name] for name in sorted(self.models)]
-        return [self.select(model, backend)]
+    def calibration(self, model: str) -> Calibration:
+        """The temperature and threshold `model`'s answers use: its own (the INT8 model's, since issue 23), else
+        the repository's, fitted on the FP32 graph (serving.repository.calibration)."""
+        return model_calibration(self.spec, model, self.root / MANIFEST_FILE)
 
-    def select(self, model: str | None = None, backend: str | None = None) -> ModelEntry:
-        """The model the typed API serves: --model NAME; else the model of --backend's format; else the ONNX
-        one (docs/architecture.md §5), or the first by name when the repository has no ONNX model."""
+    def served(self, model: str | None = None, backend: str | None = None,
+               precision: str | None = None) -> list[ModelEntry]:
+        """The models a server loads: the one --model names; else every model of --backend's format (both ONNX
+        models of a repository exported with --int8, so KServe clients keep the FP32 one by name whichever the
+        typed API serves); else every model of the repository."""
+        if model is not None:
+            return [self.select(model, backend)]
+        if backend is not None:
+            kind = self.select(None, backend, precision).kind  # refuses a format or precision the repository lacks
+            return [self.models[name] for name in sorted(self.models) if self.models[name].kind == kind]
+        return [self.models[name] for name in sorted(self.models)]
+
+    def select(self, model: str | None = None, backend: str | None = None,
+               precision: str | None = None) -> ModelEntry:
+        """The model the typed API serves: --model NAME; else the model of --backend's format, of `precision` when
+        given (serving.precision chooses it); else the ONNX one (docs/architecture.md §5): the FP32 one unless
+        `precision` says "int8"; or the first by name when the repository has no ONNX model."""
         if model is not None:
             if model not in self.models:
                 raise StartupError(f"model {model!r} is not in {self.root / MANIFEST_FILE}; "
@@ -128,6 +147,11 @@ class Manifest:
             return entry
         wanted = backend or "onnx"
         matches = sorted((m for m in self.models.values() if m.kind == wanted), key=lambda m: m.name)
+        if precision is not None:
+            matches = [m for m in matches if m.precision == precision]
+            if not matches:
+                raise StartupError(f"{self.root / MANIFEST_FILE} has no {precision.upper()} {wanted} model "
+                                   f"(models: {', '.join(sorted(self.models))})")
         if matches:
             return matches[0]
         if backend is None:
@@ -190,6 +214,7 @@ def read_manifest(root: str | Path) -> Manifest:
         raise StartupError(f"{path}: no manifest.json in the model repository (export one with `python -m export`)")
     raw = read_json(path)
     spec = RepositoryManifest.from_dict(raw, path)
+    check_model_calibration(spec, path)
     listed = _listed(path, root, spec)
     models = {name: _model_entry(path, root, name, model, listed[name]) for name, model in spec.models.items()}
     return Manifest(root=root, spec=spec, models=models, raw=raw)

@@ -25,7 +25,9 @@ def _digits(n, seed):
 @pytest.fixture(scope="module")
 def trained_checkpoint(tiny_mnist_root, tmp_path_factory):
     """A fast net trained for 18 iterations on the synthetic digits, 128 of its 512 training images held out: a
-    random net's near-tied logits would flip under any quantisation; this one's do not, like a real model's."""
+    random net's near-tied logits would flip under any quantisation; this one's do not, like a real model's. On
+    digits alone (the fast recipe now trains beside negatives: with them this tiny net's max_cosine scores crowd
+    its threshold, and 3 of the 128 test decisions flip under quantisation at either graph's threshold)."""
     from training.train import main
 
     out = tmp_path_factory.mktemp("trained")
@@ -34,7 +36,7 @@ def trained_checkpoint(tiny_mnist_root, tmp_path_factory):
     try:
         assert main(["--data-dir", str(tiny_mnist_root), "--out", str(out), "--device", "cpu", "--progress", "off",
                      "--model", "fast", "--margin", "2", "--epochs", "3", "--batch-size", "64", "--val-size", "128",
-                     "--test-subset", "128", "--seed", "3"]) == 0
+                     "--test-subset", "128", "--seed", "3", "--negatives", "off", "--capture-augment", "off"]) == 0
     finally:
         torch.set_num_threads(threads)
     return out / "last.pt"
@@ -91,13 +93,19 @@ def test_int8_quantises_the_convs_but_the_image_facing_one(int8_repo):
 
 @pytest.mark.slow  # a trained checkpoint and real exports: ~35 s on 2 shared cores
 def test_int8_config_pbtxt_is_the_fp32_ones_under_its_own_name(int8_repo):
+    """... with its own fitted temperature and threshold (issue 23) as parameters."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    out, _, _, _ = int8_repo
+    out, manifest, _, _ = int8_repo
     fp32 = text_format.Parse((out / ONNX_DIR / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     int8 = text_format.Parse((out / ONNX_INT8_MODEL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert int8.name == ONNX_INT8_MODEL and int8.backend == "onnxruntime"
+    own = manifest["model_calibration"][ONNX_INT8_MODEL]
+    assert float(int8.parameters["threshold"].string_value) == own["open_set"]["threshold"]
+    assert float(int8.parameters["temperature"].string_value) == own["calibration"]["temperature"]
+    for key in ("temperature", "threshold"):
+        int8.parameters[key].string_value = fp32.parameters[key].string_value
     int8.name = fp32.name
     assert int8 == fp32
 
@@ -166,7 +174,8 @@ def test_int8_problems_name_each_broken_bound():
 @pytest.mark.slow  # a trained checkpoint and real exports: ~35 s on 2 shared cores
 def test_the_server_loads_and_serves_the_int8_model_by_name(int8_repo):
     """serving's own path: the manifest's model by name (--model), the onnx backend, the graph's three outputs;
-    the default ONNX model (no --model, or --backend onnx) stays the FP32 one."""
+    Manifest.select without a precision stays the FP32 one (the server's --precision picks INT8 on the CPU:
+    tests/serving/test_serving_precision.py)."""
     from serving.backends import load_backend
     from serving.repository.reader import read_manifest, verify_sha256
 

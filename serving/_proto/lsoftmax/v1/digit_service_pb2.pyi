@@ -124,7 +124,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "net", "margin", "num_classes", "embedding_dim", "test_accuracy", "model_sha256", "backend", "device", "onnx_providers", "max_images_per_request", "max_message_bytes", "manifest_json", "dynamic_batching", "max_batch_size", "max_queue_delay_us", "max_queue_size", "temperature", "known_score_detector", "known_score_threshold")
+    __slots__ = ("model_name", "model_version", "net", "margin", "num_classes", "embedding_dim", "test_accuracy", "model_sha256", "backend", "device", "onnx_providers", "max_images_per_request", "max_message_bytes", "manifest_json", "dynamic_batching", "max_batch_size", "max_queue_delay_us", "max_queue_size", "temperature", "known_score_detector", "known_score_threshold", "precision", "calibrated_precision")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NET_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,8 @@ class GetModelInfoResponse(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     KNOWN_SCORE_DETECTOR_FIELD_NUMBER: _ClassVar[int]
     KNOWN_SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_PRECISION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     net: str
@@ -167,4 +169,6 @@ class GetModelInfoResponse(_message.Message):
     temperature: float
     known_score_detector: str
     known_score_threshold: float
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., net: _Optional[str] = ..., margin: _Optional[int] = ..., num_classes: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., model_sha256: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., onnx_providers: _Optional[_Iterable[str]] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., manifest_json: _Optional[str] = ..., dynamic_batching: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., temperature: _Optional[float] = ..., known_score_detector: _Optional[str] = ..., known_score_threshold: _Optional[float] = ...) -> None: ...
+    precision: str
+    calibrated_precision: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., net: _Optional[str] = ..., margin: _Optional[int] = ..., num_classes: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., model_sha256: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., onnx_providers: _Optional[_Iterable[str]] = ..., max_images_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., manifest_json: _Optional[str] = ..., dynamic_batching: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., temperature: _Optional[float] = ..., known_score_detector: _Optional[str] = ..., known_score_threshold: _Optional[float] = ..., precision: _Optional[str] = ..., calibrated_precision: _Optional[str] = ...) -> None: ...
