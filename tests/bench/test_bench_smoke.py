@@ -22,7 +22,8 @@ def test_negatives_bench_reports_the_step_and_run_ratios(capsys):
     assert train_negatives.main(["--batch-size", "8", "--iters", "1", "--repeats", "1", "--pool", "6",
                                  "--iterations", "3", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
-    assert "batch 8 + 2 negatives" in out and "pool: 6 negatives" in out and "x)" in out
+    assert "batch 8 + 2 negatives" in out and "pool: fonts read in" in out and " 6 negatives at " in out \
+        and "x)" in out
 
 
 @pytest.mark.slow  # long end to end; `make test-slow`
