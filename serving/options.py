@@ -98,9 +98,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "more requests than are queued (a lone request never waits); >0 can pay off on a GPU, on "
                         "CPU requests queued while the backend is busy already form the batches")
     b.add_argument("--inline-below-us", type=_positive(int, minimum=0), default=DEFAULT_INLINE_BELOW_US,
-                   help="run a batch on the event loop, not the inference thread, while the model's recent batches "
-                        "took less than this on average: the thread hand-off costs more than a cheap batch (a tiny "
-                        "model, or this net on a GPU); 0: always the thread")
+                   help="run a lone client's batch on the event loop, not the inference thread, while the model's "
+                        "recent batches took less than this on average: the thread hand-off costs more than a cheap "
+                        "batch (a tiny model, or this net on a GPU); concurrent callers' batches stay in the thread; "
+                        "0: always the thread")
     b.add_argument("--max-queue-size", type=_positive(int, minimum=0), default=DEFAULT_QUEUE_SIZE,
                    help="requests queued per model before new ones get UNAVAILABLE 'Exceeds maximum queue size' "
                         "(0: unbounded)")

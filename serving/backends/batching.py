@@ -29,14 +29,15 @@ Scheduling, designed so that batching costs nothing when the server is idle:
   handed to the worker thread's FIFO at once; max_queue_size bounds the calls waiting there. For
   comparisons and for models that must see one request at a time.
 
-Cheap batches run on the event loop itself (inline_below_us, --inline-below-us). The hand-off to the worker
-and back costs the event loop a thread wake-up, a self-pipe write and read and two futures per batch, tens of
-microseconds of CPU: more than a one-matmul model, or this net on a GPU, spends computing a small batch. So when
-the backend's recent batches took less than inline_below_us each (a moving average of their measured time,
-started after the first few batches, which run in the worker), the batch runs inline, and a batch that turns out
-slower (a larger one, under load) moves the average back over the line. Blocking the loop for that long delays
-other calls by no more than the hop would have. The next batch is then dispatched on the loop's next turn, so
-calls that arrived in the meantime are read first.
+A lone request's cheap batch runs on the event loop itself (inline_below_us, --inline-below-us). The hand-off to
+the worker and back costs the event loop a thread wake-up, a self-pipe write and read and two futures per batch,
+tens of microseconds of CPU: more than a one-matmul model, or this net on a GPU, spends computing a small batch.
+So when the backend's recent batches took less than inline_below_us each (a moving average of their measured
+time, started after the first few batches, which run in the worker), and the batch holds one request, as did the
+one before it (a lone client), the batch runs inline. Under concurrent load it stays in the worker: there the
+model's run in the thread is when the next batch gathers, and inlining those batches made them smaller and cost
+more CPU per request (BENCHMARKS.md, "Serving overhead"). After an inline batch the next one is dispatched on the
+loop's next turn, so calls that arrived in the meantime are read first.
 """
 
 from __future__ import annotations
@@ -207,12 +208,12 @@ class DynamicBatcher:
         self._publish()
 
     def inline(self) -> bool:
-        """Whether the next batch runs on the event loop: its recent batches were cheaper than the hop."""
+        """Whether a lone request's batch may run on the event loop: recent batches were cheaper than the hop."""
         return self._measured >= INLINE_AFTER and self._average_ns < self._inline_below_ns
 
     def _submit(self, entries: list[_Entry]) -> None:
         arrays = [e.images for e in entries]
-        if self.inline():
+        if len(entries) == 1 and self._expected == 1 and self.inline():  # a lone client's cheap batch
             job = WorkerFuture()
             try:
                 job.set_result(self._execute(arrays))

@@ -336,3 +336,26 @@ def test_an_inline_batch_that_fails_fails_only_its_callers_and_the_next_one_is_s
             np.testing.assert_array_equal(a, b)
     assert batcher.stats.exec_count == 7  # 6 one by one, the failed one not counted, the 20 queued meanwhile as one
     batcher.close()
+
+
+def test_batches_of_concurrent_callers_stay_in_the_worker_even_when_cheap():
+    """Under concurrent load the model's run in the thread is when the next batch gathers: only a lone caller's
+    batch runs inline."""
+    backend = ThreadRecordingBackend()
+    batcher = DynamicBatcher(backend, BatchingConfig(inline_below_us=100), ModelStats("m", "1"), name="test",
+                             clock=StepClock(step=1_000))
+
+    async def main():
+        for i in range(6):  # a lone client: inline after the first few
+            await batcher.infer(digits(1, seed=i))
+        lone = list(backend.threads)
+        together = await asyncio.gather(*(batcher.infer(digits(1, seed=i)) for i in range(8)))
+        return lone, together, threading.get_ident()
+
+    lone, together, loop_thread = run(main())
+    assert loop_thread in lone and batcher.inline()
+    assert backend.batches[-1] == 8 and backend.threads[-1] != loop_thread
+    for i, got in enumerate(together):
+        for a, b in zip(got, expected(digits(1, seed=i))):
+            np.testing.assert_array_equal(a, b)
+    batcher.close()
