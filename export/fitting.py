@@ -15,7 +15,7 @@ from export import open_set
 from export.detectors import THRESHOLD, UNFITTED_DETECTOR, Detector, Features, FitData, Head, get
 from export.inference_module import build_inference_module, graph_features
 
-__all__ = ["NOT_FITTED", "NEGATIVES_SEED", "NEGATIVES_GENERATOR", "training_negatives", "fit"]
+__all__ = ["NOT_FITTED", "NEGATIVES_SEED", "NEGATIVES_GENERATOR", "training_negatives", "calibration_record", "fit"]
 
 NOT_FITTED = ("{checkpoint} records no held-out images (trained with --val-size 0 or before it was recorded): "
               "the served probabilities stay uncalibrated (temperature 1) and no input is rejected as not a digit. "
@@ -53,7 +53,9 @@ def _known_scores(module, images: torch.Tensor, batch_size: int = 1000) -> np.nd
     return np.concatenate([module(images[i:i + batch_size])[2].numpy() for i in range(0, len(images), batch_size)])
 
 
-def _calibration(logits: np.ndarray, labels: np.ndarray, temperature: float, fitted_on: dict) -> dict:
+def calibration_record(logits: np.ndarray, labels: np.ndarray, temperature: float, fitted_on: dict) -> dict:
+    """The manifest's calibration record: the temperature and what it does to NLL and ECE on the fit images (the
+    FP32 graph's here, the INT8 graph's in export.int8_fit)."""
     return {"temperature": temperature, "fitted_on": fitted_on,
             "nll_before": open_set.nll(logits, labels), "nll_after": open_set.nll(logits, labels, temperature),
             "ece_before": open_set.ece(open_set.softmax(logits), labels),
@@ -76,7 +78,7 @@ def fit(net, ckpt: dict, images: torch.Tensor | None, labels: torch.Tensor | Non
     base = build_inference_module(net, normalization)
     features = graph_features(base, images)
     temperature = open_set.fit_temperature(features.logits, labels_np)
-    calibration = _calibration(features.logits, labels_np, temperature, fitted_on)
+    calibration = calibration_record(features.logits, labels_np, temperature, fitted_on)
     head = Head(net.head.weight.detach().numpy(), temperature)
 
     rows = chosen.split_rows(len(labels_np))

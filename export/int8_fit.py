@@ -17,16 +17,9 @@ import numpy as np
 
 from export import open_set
 from export.detectors import THRESHOLD, get
+from export.fitting import calibration_record
 
 __all__ = ["fit_int8"]
-
-
-def _calibration(logits: np.ndarray, labels: np.ndarray, temperature: float, fitted_on: dict) -> dict:
-    """The calibration record, with the same figures as the FP32 one (export.fitting)."""
-    return {"temperature": temperature, "fitted_on": fitted_on,
-            "nll_before": open_set.nll(logits, labels), "nll_after": open_set.nll(logits, labels, temperature),
-            "ece_before": open_set.ece(open_set.softmax(logits), labels),
-            "ece_after": open_set.ece(open_set.softmax(logits, temperature), labels)}
 
 
 def _threshold_rows(fp32_open_set: dict, count: int) -> np.ndarray:
@@ -48,7 +41,7 @@ def fit_int8(int8_path: Path, images: np.ndarray, labels: np.ndarray, fp32_fits:
     logits, _, known = run_graph(int8_path, images)
     labels = np.asarray(labels, np.int64)
     temperature = open_set.fit_temperature(logits, labels)
-    calibration = _calibration(logits, labels, temperature, fp32_calibration["fitted_on"])
+    calibration = calibration_record(logits, labels, temperature, fp32_calibration["fitted_on"])
     record = {key: fp32_open_set.get(key) for key in ("output", "detector", "accept_rate", "fitted_on", "description")}
     record["detector_fitted_on"] = "the FP32 graph's features (the INT8 graph computes known_score from them in float)"
     if fp32_open_set.get("threshold") is None:  # nothing fitted: nothing rejected, as for FP32

@@ -97,24 +97,6 @@ class Manifest:
     def test_accuracy(self) -> float | None:
         return None if self.spec.test_accuracy is None else float(self.spec.test_accuracy)
 
-    @property
-    def temperature(self) -> float:
-        """The softmax temperature served probabilities use (manifest calibration.temperature; 1 when absent)."""
-        value = (self.spec.records.get("calibration") or {}).get("temperature")
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 1.0
-
-    @property
-    def known_score_threshold(self) -> float | None:
-        """Reject inputs whose known_score is below this (manifest open_set.threshold; None: reject nothing)."""
-        value = (self.spec.records.get("open_set") or {}).get("threshold")
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-    @property
-    def known_score_detector(self) -> str:
-        """The detector the graphs compute as known_score ("" for a repository exported before it existed)."""
-        value = (self.spec.records.get("open_set") or {}).get("detector")
-        return value if isinstance(value, str) else ""
-
     def calibration(self, model: str) -> Calibration:
         """The temperature and threshold `model`'s answers use: its own (the INT8 model's, since issue 23), else
         the repository's, fitted on the FP32 graph (serving.repository.calibration)."""

@@ -267,7 +267,7 @@ def test_cli_exports_the_learned_detector_end_to_end(tmp_path):
     assert record["negatives"]["count"] == record["fit"]["digits"] == 40 and record["threshold_images"] == 40
     assert record["split"] == {"stats": 80, "logistic": 40, "threshold": 40} and record["fit_accepted"] >= 0.95
     assert len(record["fit"]["weights"]) == 7 and all(np.isfinite(list(record["fit"]["weights"].values())))
-    assert read_manifest(out).known_score_detector == "learned"
+    assert read_manifest(out).calibration("lsoftmax_mnist_onnx").detector == "learned"
     assert 'string_value: "learned"' in (out / "lsoftmax_mnist_onnx" / "config.pbtxt").read_text()
     probe = torch.from_numpy(synthetic_digits(32, 9)[0]).unsqueeze(1)
     known = load_onnx_session(out / "lsoftmax_mnist_onnx" / "1" / "model.onnx").run(["known_score"],
