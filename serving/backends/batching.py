@@ -49,7 +49,7 @@ from collections import deque
 from concurrent.futures import Future as WorkerFuture
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -120,11 +120,19 @@ class DynamicBatcher:
 
     async def infer(self, images: np.ndarray) -> Outputs:
         """uint8 [n, 1, 28, 28] (n >= 1) → the backend's outputs for these n rows, computed in some batch."""
+        return await self.submit(images)
+
+    def submit(self, images: np.ndarray) -> Awaitable[Outputs]:
+        """infer() without its coroutine: queue the images now (on the event loop thread) and return what to await.
+        The hot paths await this directly: each coroutine frame between a handler and the batch's future is one
+        more frame to resume when the batch ends, per request."""
         limit = self.config.max_batch_size
         if len(images) <= limit:
-            (future,) = self._put((images,))
-            return await future
-        futures = self._put([images[i:i + limit] for i in range(0, len(images), limit)])
+            return self._put((images,))[0]
+        return self._gather(self._put([images[i:i + limit] for i in range(0, len(images), limit)]))
+
+    @staticmethod
+    async def _gather(futures: list[asyncio.Future]) -> Outputs:
         parts = await asyncio.gather(*futures)
         return tuple(np.concatenate(rows) for rows in zip(*parts))
 
@@ -214,12 +222,12 @@ class DynamicBatcher:
     def _submit(self, entries: list[_Entry]) -> None:
         arrays = [e.images for e in entries]
         if len(entries) == 1 and self._expected == 1 and self.inline():  # a lone client's cheap batch
-            job = WorkerFuture()
             try:
-                job.set_result(self._execute(arrays))
+                done = self._execute(arrays)
             except Exception as exc:  # every caller of this batch gets it, as from the worker
-                job.set_exception(exc)
-            self._finish(entries, job, inline=True)
+                self._finish(entries, None, exc, inline=True)
+            else:
+                self._finish(entries, done, None, inline=True)
             return
         job = self._pool.submit(self._execute, arrays)
         job.add_done_callback(functools.partial(self._from_worker, entries))
@@ -235,30 +243,44 @@ class DynamicBatcher:
         return outputs, start, self._clock()
 
     def _from_worker(self, entries: list[_Entry], job: WorkerFuture) -> None:
+        """The worker's done callback (worker thread, or close()'s): the outcome goes to the event loop."""
+        done = error = None
+        if job.cancelled():  # close() dropped it before it ran
+            error = NotReady("the server is shutting down")
+        else:
+            error = job.exception()
+            if error is None:
+                done = job.result()
         try:
-            self._loop.call_soon_threadsafe(self._finish, entries, job)
+            self._loop.call_soon_threadsafe(self._finish, entries, done, error)
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
 
-    def _finish(self, entries: list[_Entry], job: WorkerFuture, inline: bool = False) -> None:
+    def _finish(self, entries: list[_Entry], done: tuple[Outputs, int, int] | None, error: BaseException | None,
+                inline: bool = False) -> None:
+        """A batch ended: `done` (outputs, start_ns, end_ns), or `error` for every caller of the batch."""
         if not self.config.enabled:
             self._outstanding -= 1
         self._running = False
-        try:
-            if job.cancelled():  # close() dropped it before it ran
-                raise NotReady("the server is shutting down")
-            outputs, start, end = job.result()
-        except BaseException as exc:  # the backend failed: every caller of this batch gets the error
+        if error is not None:  # the backend failed: every caller of this batch gets the error
             for entry in entries:
                 if not entry.future.done():
-                    entry.future.set_exception(exc)
+                    entry.future.set_exception(error)
         else:
-            offset = queue_ns = 0
-            for entry in entries:
+            outputs, start, end = done
+            if len(entries) == 1:  # the batch is this caller's rows: no slicing
+                entry = entries[0]
                 if not entry.future.done():
-                    entry.future.set_result(tuple(o[offset:offset + entry.size] for o in outputs))
-                offset += entry.size
-                queue_ns += start - entry.enqueued_ns
+                    entry.future.set_result(outputs)
+                offset, queue_ns = entry.size, start - entry.enqueued_ns
+            else:
+                offset = queue_ns = 0
+                for entry in entries:
+                    if not entry.future.done():
+                        end_row = offset + entry.size
+                        entry.future.set_result(tuple([o[offset:end_row] for o in outputs]))
+                    offset += entry.size
+                    queue_ns += start - entry.enqueued_ns
             self.stats.record_execution(offset, queue_ns, len(entries), end - start)
             self._measured += 1
             self._average_ns += (end - start - self._average_ns) * (

@@ -101,6 +101,7 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
     @staticmethod
     def _wrap(method: str, behavior, drain: Drain):
         refusable = not TokenAuth.public(method)
+        is_coroutine = inspect.iscoroutinefunction(behavior)  # every servicer method here: no per-call check
 
         async def call(request, context):
             start = drain.arrived()
@@ -110,6 +111,8 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if drain.draining and refusable:
                     raise NotReady("the server is shutting down; retry (another replica) later")
+                if is_coroutine:
+                    return await behavior(request, context)
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
             except grpc.aio.AbortError:

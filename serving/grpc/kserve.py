@@ -101,7 +101,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         runner = self.core.inference_runner(request.model_name, request.model_version)
         images = self._images(request)
         wanted = self.core.wanted_outputs(runner, [output.name for output in request.outputs])
-        arrays = await self.core.infer_tensors(runner, images, wanted)
+        arrays = self.core.select_outputs(await runner.submit(images), wanted)  # no coroutine frames in between
         tensor = pb.ModelInferResponse.InferOutputTensor
         return pb.ModelInferResponse(
             model_name=runner.name, model_version=runner.version, id=request.id,

@@ -159,12 +159,29 @@ def _request(images: np.ndarray, datatype="UINT8", shape=None, raw=None, model=M
     (dict(outputs=("probabilities",)), grpc.StatusCode.INVALID_ARGUMENT, "unexpected inference output"),
     (dict(model="no_such_model"), grpc.StatusCode.NOT_FOUND, "Request for unknown model"),
     (dict(shape=(65, 1, 28, 28), raw=bytes(65 * 784)), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 64"),
+    (dict(shape=(0, 1, 28, 28), raw=b""), grpc.StatusCode.INVALID_ARGUMENT, "unexpected shape"),
+    (dict(shape=(4, 1, 28, 29), raw=bytes(4 * 28 * 29)), grpc.StatusCode.INVALID_ARGUMENT, "unexpected shape"),
+    (dict(shape=(4, 1, 28, 28), raw=bytes(4 * 784 + 1)), grpc.StatusCode.INVALID_ARGUMENT, "needs 3136 bytes"),
 ])
 def test_bad_infer_requests(raw_stub, triton, digits, change, code, text):
     with pytest.raises(grpc.RpcError) as info:
         raw_stub.ModelInfer(_request(digits[0][:4], **change), timeout=10)
     assert info.value.code() == code and text in info.value.details()
     assert triton.infer(MODELS[0], _inputs(digits[0][:2])).as_numpy("logits").shape == (2, 10)
+
+
+def test_outputs_come_in_each_requests_own_order(raw_stub, digits):
+    """Requested outputs are looked up once per combination (serving.core.inference caches them): each order and
+    subset still gets its own answer, and an unknown name is refused every time, not remembered as valid."""
+    images = digits[0][:3]
+    for outputs in [("embedding", "logits"), ("logits", "embedding"), ("logits",), ("embedding", "logits")]:
+        response = raw_stub.ModelInfer(_request(images, outputs=outputs), timeout=10)
+        assert [o.name for o in response.outputs] == list(outputs)
+        assert [list(o.shape) for o in response.outputs] == [[3, 10] if n == "logits" else [3, 128] for n in outputs]
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as info:
+            raw_stub.ModelInfer(_request(images, outputs=("logits", "nope")), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_typed_contents_and_version(raw_stub, digits, model_repository, helpers):
