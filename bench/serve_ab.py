@@ -17,7 +17,8 @@ rounds, so slow drift of a shared machine (other jobs, thermals) falls on all va
 whichever ran last. Per run it records loadgen's images/s and p50, and the server's CPU time per request: the
 server process's utime+stime over the run divided by the requests its `nv_inference_request_success` counter
 went up by (the client's own CPU time never enters it), and from it the images per server CPU-second (--batch
-images per request: with more, the model's share of the server's work grows). Prints one JSON line per run as it
+images per request: with more, the model's share of the server's work grows), and the requests per backend call
+(its nv_inference_exec_count: how well the batcher gathered). Prints one JSON line per run as it
 goes, then per level and variant the medians over rounds with ratios to the first variant; --json writes the runs
 and the medians.
 """
@@ -167,12 +168,23 @@ def process_cpu_seconds(pid: int) -> float:
 def requests_served(metrics_port: int) -> float:
     """The server's nv_inference_request_success summed over models: the requests it answered, so CPU per request
     divides by what the server did rather than by what the client counted in its window."""
+    return served_counts(metrics_port)[0]
+
+
+def served_counts(metrics_port: int) -> tuple[float, float]:
+    """(nv_inference_request_success, nv_inference_exec_count), each summed over models: requests answered and the
+    backend calls (batches) they took."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name.removesuffix("_total") == "nv_inference_request_success")
+    totals = {"nv_inference_request_success": 0.0, "nv_inference_exec_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.removesuffix("_total")
+            if name in totals:
+                totals[name] += sample.value
+    return totals["nv_inference_request_success"], totals["nv_inference_exec_count"]
 
 
 def cpu_per_request_us(cpu_before: float, cpu_after: float, served_before: float, served_after: float) -> float:
@@ -200,9 +212,9 @@ def measure(variant: Variant, server: ServerProcess, args: argparse.Namespace, r
             concurrency: int) -> dict:
     """One variant at one level in one round: loadgen's throughput and p50, the server's CPU per request."""
     pid, metrics_port = server.proc.pid, server.metrics_port
-    cpu0, served0 = process_cpu_seconds(pid), requests_served(metrics_port)
+    cpu0, (served0, batches0) = process_cpu_seconds(pid), served_counts(metrics_port)
     result, client_cpu = run_loadgen(server.address, args, concurrency)
-    cpu1, served1 = process_cpu_seconds(pid), requests_served(metrics_port)
+    cpu1, (served1, batches1) = process_cpu_seconds(pid), served_counts(metrics_port)
     served = served1 - served0
     cpu_us = cpu_per_request_us(cpu0, cpu1, served0, served1)
     return {"label": variant.label, "round": round_, "concurrency": concurrency,
@@ -210,7 +222,8 @@ def measure(variant: Variant, server: ServerProcess, args: argparse.Namespace, r
             "p99_us": (result["p99_ms"] or 0.0) * 1000,
             "server_cpu_us_per_request": cpu_us, "images_per_server_cpu_s": args.batch * 1e6 / cpu_us,
             "client_cpu_us_per_request": client_cpu / max(1.0, served) * 1e6,
-            "server_requests": served, "errors": result["errors"]}
+            "server_requests": served, "requests_per_batch": served / max(1.0, batches1 - batches0),
+            "errors": result["errors"]}
 
 
 def run_ab(variants: list[Variant], servers: list[ServerProcess], args: argparse.Namespace) -> list[dict]:
@@ -244,7 +257,8 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
                 continue
             row = {"label": label, "concurrency": concurrency,
                    **{k: statistics.median(r[k] for r in mine) for k in SUMMARY_KEYS},
-                   "rounds_images_per_s": [r["images_per_s"] for r in mine]}
+                   "rounds_images_per_s": [r["images_per_s"] for r in mine],
+                   "requests_per_batch": statistics.median(r.get("requests_per_batch", 0.0) for r in mine)}
             base = base or row
             for k in SUMMARY_KEYS:
                 row[f"{k}_ratio"] = row[k] / base[k] if base[k] else float("nan")
@@ -255,12 +269,12 @@ def summarize(runs: list[dict], labels: list[str]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     """The fixed-width table the A/B figures in BENCHMARKS.md are read from."""
     lines = [f"{'variant':<12}{'conc':>5}{'infer/s (median)':>18}{'ratio':>7}{'p50 us':>10}{'ratio':>7}"
-             f"{'server CPU us/req':>19}{'ratio':>7}{'images/server CPU-s':>21}{'ratio':>7}  rounds infer/s"]
+             f"{'server CPU us/req':>19}{'ratio':>7}{'images/server CPU-s':>21}{'ratio':>7}{'req/batch':>10}  rounds infer/s"]
     for r in rows:
         lines.append(f"{r['label']:<12}{r['concurrency']:>5}{r['images_per_s']:>18,.0f}{r['images_per_s_ratio']:>7.2f}"
                      f"{r['p50_us']:>10,.0f}{r['p50_us_ratio']:>7.2f}{r['server_cpu_us_per_request']:>19,.0f}"
                      f"{r['server_cpu_us_per_request_ratio']:>7.2f}{r['images_per_server_cpu_s']:>21,.0f}"
-                     f"{r['images_per_server_cpu_s_ratio']:>7.2f}  "
+                     f"{r['images_per_server_cpu_s_ratio']:>7.2f}{r.get('requests_per_batch', 0.0):>10.1f}  "
                      + " / ".join(format(x, ".0f") for x in r["rounds_images_per_s"]))
     return "\n".join(lines)
 

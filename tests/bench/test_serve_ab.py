@@ -84,3 +84,6 @@ def test_serve_ab_runs_two_variants(tmp_path):
         assert row["concurrency"] == 1 and row["images_per_s"] > 0 and row["server_cpu_us_per_request"] > 0
     for run in data["runs"]:
         assert run["errors"] == {} and run["server_requests"] > 0
+        # one client: every batch holds one request (the server's own exec counter, read from its metrics)
+        assert run["requests_per_batch"] == pytest.approx(1.0)
+    assert "req/batch" in table[0] and table[1].split()[-2] == "1.0"  # one round: one figure after it
