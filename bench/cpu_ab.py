@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import statistics
@@ -37,9 +36,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.serve_ab import split_env
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LOADGEN = PROJECT_ROOT / "bench" / "loadgen.py"
-ENV_TOKEN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 SAFE_NAME = re.compile(r"[^\w.-]")  # a label as a file name
 
 
@@ -58,14 +58,7 @@ def parse_target(text: str) -> Target:
     parts = text.split("|", 2)
     if len(parts) != 3 or not parts[0].strip() or not parts[1].strip():
         raise ValueError(f"--target {text!r}: expected LABEL|MODEL|[ENV=VALUE ...] COMMAND")
-    try:
-        tokens = shlex.split(parts[2])
-    except ValueError as exc:
-        raise ValueError(f"--target {text!r}: {exc}") from None
-    env = {}
-    while tokens and ENV_TOKEN.match(tokens[0]):
-        name, _, value = tokens.pop(0).partition("=")
-        env[name] = value
+    env, tokens = split_env(parts[2], f"--target {text!r}")
     if not tokens or not any("{port}" in t for t in tokens):
         raise ValueError(f"--target {text!r}: the command must take the port as {{port}}")
     return Target(parts[0].strip(), parts[1].strip(), tokens, env)

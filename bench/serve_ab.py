@@ -75,18 +75,26 @@ def parse_variant(text: str) -> Variant:
     label, cwd = label.strip(), cwd.strip()
     if not label or not cwd:
         raise ValueError(f"--variant {text!r}: empty label or CWD")
-    try:
-        tokens = shlex.split(flags_text)
-    except ValueError as exc:
-        raise ValueError(f"--variant {text!r}: {exc}") from None
-    env = {}
-    while tokens and ENV_TOKEN.match(tokens[0]):
-        name, _, value = tokens.pop(0).partition("=")
-        env[name] = value
+    env, tokens = split_env(flags_text, f"--variant {text!r}")
     for token in tokens:
         if any(token == flag or token.startswith(flag + "=") for flag in RESERVED_FLAGS):
             raise ValueError(f"--variant {text!r}: {token.split('=')[0]} is set by the harness")
     return Variant(label, Path(cwd), env, tokens)
+
+
+def split_env(text: str, where: str) -> tuple[dict[str, str], list[str]]:
+    """`[ENV=VALUE ...] rest` split like a shell would (quotes allowed) → (environment, the other tokens); leading
+    NAME=VALUE tokens are environment, everything from the first other token on is kept as it is (so a flag's value
+    may contain `=`). ValueError naming `where` when the quoting is broken."""
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    env = {}
+    while tokens and ENV_TOKEN.match(tokens[0]):
+        name, _, value = tokens.pop(0).partition("=")
+        env[name] = value
+    return env, tokens
 
 
 def check_variants(variants: list[Variant]) -> None:
