@@ -4,8 +4,9 @@
 
 Builds the server's parts in this process as `python -m serving` does (its flags, serving.startup.make_plan, the
 servicers, the model loaded and warmed), then awaits KServeServicer.ModelInfer on one event loop, one call at a
-time, each on a freshly parsed request, and serialises each answer as gRPC would: CPU time per call (all threads:
-a batch may run in the model's thread). One call at a time makes each batch a lone client's, as at concurrency 1.
+time, each on a freshly parsed request and in its own turn of the loop, and serialises each answer as gRPC would:
+CPU time per call (all threads: a batch may run in the model's thread). One call at a time makes each batch a lone
+client's, as at concurrency 1.
 End-to-end figures through gRPC move by ±10-20% between identical runs on a shared machine; this one by a few
 percent, so a change of the handler, the core or the batcher shows here first. Another tree's serving/ (an older
 commit's, from git archive) is measured from that tree's directory: `cd TREE && PYTHONPATH=TREE:PROJECT python -m
@@ -58,9 +59,11 @@ async def measure(repository: str, model: str | None, calls: int, batch: int) ->
     try:
         for _ in range(min(200, calls)):
             (await servicer.ModelInfer(pb.ModelInferRequest.FromString(data), context)).SerializeToString()
+            await asyncio.sleep(0)
         start = time.process_time()
         for _ in range(calls):
             (await servicer.ModelInfer(pb.ModelInferRequest.FromString(data), context)).SerializeToString()
+            await asyncio.sleep(0)  # the next call in a later turn of the loop, as a lone client's would be
         seconds = time.process_time() - start
     finally:
         runner.close()

@@ -95,6 +95,8 @@ class OrtBackend(Backend):
         # known_score (repositories since issue 13) comes third when the graph has it; older graphs serve without.
         self._outputs = list(output_names) + [name for name in OPTIONAL_OUTPUTS if name in outputs]
         self.has_known_score = len(self._outputs) > len(output_names)
+        types = {o.name: o.type for o in self._session.get_outputs()}
+        self._float32 = all(types[name] == "tensor(float)" for name in self._outputs)  # as exported: no cast per call
         # On CPU, the binding's run directly: InferenceSession.run re-validates the input names, OrtValue ownership
         # and WebGPU graph capture on every call (~15% of the GIL-holding time of a batch-1 request in py-spy, issue
         # 16), all fixed at load here. CUDA sessions keep the public run for its provider fallback.
@@ -102,7 +104,8 @@ class OrtBackend(Backend):
         self._run = binding.run if binding is not None and self.device == "cpu" else self._session.run
 
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(out.astype(np.float32, copy=False) for out in self._run(self._outputs, {self._input: images}, None))
+        outputs = self._run(self._outputs, {self._input: images}, None)
+        return tuple(outputs) if self._float32 else tuple(out.astype(np.float32, copy=False) for out in outputs)
 
     def close(self) -> None:
         self._session = self._run = None

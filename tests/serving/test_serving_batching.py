@@ -334,7 +334,9 @@ def test_an_inline_batch_that_fails_fails_only_its_callers_and_the_next_one_is_s
     for i, got in enumerate(results):
         for a, b in zip(got, expected(digits(1, seed=i))):
             np.testing.assert_array_equal(a, b)
-    assert batcher.stats.exec_count == 7  # 6 one by one, the failed one not counted, the 20 queued meanwhile as one
+    # 6 one by one, the failed one not counted, then the first of the 20 at once (a lone call: _run_now) and the 19
+    # that came in its turn of the loop as one batch
+    assert batcher.stats.exec_count == 8 and backend.batches[-2:] == [1, 19]
     batcher.close()
 
 
@@ -354,8 +356,43 @@ def test_batches_of_concurrent_callers_stay_in_the_worker_even_when_cheap():
 
     lone, together, loop_thread = run(main())
     assert loop_thread in lone and batcher.inline()
-    assert backend.batches[-1] == 8 and backend.threads[-1] != loop_thread
+    # the first of the 8 found the batcher idle and ran at once; the 7 that came in the same turn batched, in the worker
+    assert backend.batches[-2:] == [1, 7] and backend.threads[-2] == loop_thread != backend.threads[-1]
     for i, got in enumerate(together):
         for a, b in zip(got, expected(digits(1, seed=i))):
             np.testing.assert_array_equal(a, b)
+    batcher.close()
+
+
+def test_a_lone_cheap_call_runs_within_submit_and_calls_in_its_turn_still_batch():
+    """Once batches are cheap and the client is alone, submit() runs the call at once (a future already done: no
+    queue entry, no loop turn); a call made in the same turn of the loop, or while a batch is queued, queues as
+    before, and everyone gets their own rows."""
+    from serving.backends.batching import INLINE_AFTER
+
+    backend = ThreadRecordingBackend()
+    batcher = DynamicBatcher(backend, BatchingConfig(inline_below_us=100), ModelStats("m", "1"), name="test",
+                             clock=StepClock(step=1_000))
+
+    async def main():
+        for i in range(INLINE_AFTER + 2):  # a lone client, each call in its own turn
+            await batcher.infer(digits(1, seed=i))
+            await asyncio.sleep(0)
+        calls_before = batcher.stats.exec_count
+        first = batcher.submit(digits(1, seed=50))
+        done_at_once = first.done() and batcher.stats.exec_count == calls_before + 1
+        second = batcher.submit(digits(1, seed=51))  # the same turn: queued, not run
+        queued = not second.done() and batcher.pending() == 1
+        results = [await first, await second]
+        await asyncio.sleep(0)
+        third = batcher.submit(digits(1, seed=52))  # alone again, in a later turn
+        return done_at_once, queued, results + [await third], third.done(), threading.get_ident()
+
+    done_at_once, queued, results, third_done, loop_thread = run(main())
+    assert done_at_once and queued and third_done
+    for seed, got in zip((50, 51, 52), results):
+        for a, b in zip(got, expected(digits(1, seed=seed))):
+            np.testing.assert_array_equal(a, b)
+    assert backend.threads[-3:] == [loop_thread] * 3  # all cheap and lone: on the event loop
+    assert batcher.stats.exec_count == INLINE_AFTER + 2 + 3
     batcher.close()
