@@ -171,13 +171,20 @@ def test_bad_infer_requests(raw_stub, triton, digits, change, code, text):
 
 
 def test_outputs_come_in_each_requests_own_order(raw_stub, digits):
-    """Requested outputs are looked up once per combination (serving.core.inference caches them): each order and
-    subset still gets its own answer, and an unknown name is refused every time, not remembered as valid."""
+    """Requested outputs are looked up once per combination (serving.core.inference caches them) and each answer is
+    copied from a template per model, outputs and batch size (serving.grpc.kserve): each order, subset, batch size
+    and id still gets its own answer, and an unknown name is refused every time, not remembered as valid."""
+    for n, outputs, request_id in [(3, ("embedding", "logits"), "a"), (3, ("logits", "embedding"), ""),
+                                   (3, ("logits",), "b"), (5, ("logits",), ""), (3, ("embedding", "logits"), "c")]:
+        request = _request(digits[0][:n], outputs=outputs)
+        request.id = request_id
+        response = raw_stub.ModelInfer(request, timeout=10)
+        assert [o.name for o in response.outputs] == list(outputs) and response.id == request_id
+        assert [list(o.shape) for o in response.outputs] == [[n, 10] if o == "logits" else [n, 128] for o in outputs]
+        assert [len(raw) for raw in response.raw_output_contents] == [4 * s[0] * s[1] for s in
+                                                                       (o.shape for o in response.outputs)]
+        assert response.model_name == MODELS[0] and response.model_version == "1"
     images = digits[0][:3]
-    for outputs in [("embedding", "logits"), ("logits", "embedding"), ("logits",), ("embedding", "logits")]:
-        response = raw_stub.ModelInfer(_request(images, outputs=outputs), timeout=10)
-        assert [o.name for o in response.outputs] == list(outputs)
-        assert [list(o.shape) for o in response.outputs] == [[3, 10] if n == "logits" else [3, 128] for n in outputs]
     for _ in range(2):
         with pytest.raises(grpc.RpcError) as info:
             raw_stub.ModelInfer(_request(images, outputs=("logits", "nope")), timeout=10)
