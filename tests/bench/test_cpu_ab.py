@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,20 +32,18 @@ def test_bad_targets_are_refused(text, message):
 
 
 def test_session_cpu_counts_a_busy_child():
-    """The CPU of every process in the target's session: a shell that starts a busy child is charged for it."""
-    proc = subprocess.Popen(["sh", "-c", "python3 -c 'import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass'; sleep 30"],
-                            start_new_session=True)
+    """The CPU of every live process in the target's session: a shell whose child has burnt 0.3 s is charged for
+    it (the child says so and stays alive, so nothing here waits on the clock)."""
+    spin = ("import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+            "print('spun', flush=True)\nsys.stdin.read()")
+    proc = subprocess.Popen(["sh", "-c", f"{sys.executable} -c \"$SPIN\""], env={"SPIN": spin}, start_new_session=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        cpu = 0.0
-        for _ in range(100):
-            cpu = session_cpu_seconds(proc.pid)
-            if cpu >= 0.25:
-                break
-            subprocess.run(["sleep", "0.05"])
-        assert cpu >= 0.25
+        assert proc.stdout.readline().strip() == "spun"
+        assert session_cpu_seconds(proc.pid) >= 0.3
         assert session_cpu_seconds(999_999_999) == 0  # no such session
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the shell and its child
         proc.wait()
 
 
