@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.serve_ab import split_env
+from bench.serve_ab import proc_stat, split_env
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LOADGEN = PROJECT_ROOT / "bench" / "loadgen.py"
@@ -77,8 +77,7 @@ def session_cpu_seconds(sid: int) -> float:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            fields = proc_stat(int(entry))
         except OSError:  # gone meanwhile
             continue
         if int(fields[3]) == sid:  # field 6, session id

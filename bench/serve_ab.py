@@ -152,7 +152,8 @@ def stop_servers(servers: list[ServerProcess]) -> None:
 # ------------------------------------------------------------------------------------------- measuring
 
 
-def _stat(pid: int) -> list[str]:
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (field 3, the state, is [0])."""
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()  # after the command name, which may contain spaces
 
@@ -160,12 +161,12 @@ def _stat(pid: int) -> list[str]:
 def process_cpu_seconds(pid: int) -> float:
     """utime+stime of a process (all its threads) and of every live process under it (a --workers server's
     workers), from /proc/PID/stat: the server's own work, whatever the client costs."""
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     ticks = int(fields[11]) + int(fields[12])
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != pid:
             try:
-                child = _stat(int(entry))
+                child = proc_stat(int(entry))
             except OSError:  # gone meanwhile
                 continue
             if int(child[1]) == pid:  # field 4, ppid
