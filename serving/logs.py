@@ -15,15 +15,50 @@ import logging
 import sys
 import time
 
-__all__ = ["configure_logging", "log_event", "LOG_LEVELS"]
+__all__ = ["configure_logging", "log_event", "LOG_LEVELS", "RateLimitedLog", "LOG_EVERY_S"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_EVERY_S = 60.0  # a client's fault of one kind is logged at most this often (the rest are counted into it)
 
 
 def log_event(logger: logging.Logger, level: int, event: str, **fields) -> None:
     """Log `event` with structured fields (cheap no-op when the level is disabled)."""
     if logger.isEnabledFor(level):
         logger.log(level, event, extra={"fields": fields})
+
+
+class RateLimitedLog:
+    """Warnings about what clients do (bad requests, timeouts, refused connections): at most one line per event per
+    `every` seconds, carrying how many more there were (`suppressed`), so a client cannot grow the log at will."""
+
+    def __init__(self, logger: logging.Logger, every: float = LOG_EVERY_S) -> None:
+        self.logger = logger
+        self.every = every
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def warning(self, event: str, **fields) -> None:
+        now = time.monotonic()
+        last, folded = self._seen.get(event, (float("-inf"), 0))
+        if now - last < self.every:
+            self._seen[event] = (last, folded + 1)
+            return
+        self._seen[event] = (now, 0)
+        log_event(self.logger, logging.WARNING, event, suppressed=folded, **fields)
+
+
+class _ClientFaults(logging.Filter):
+    """aiohttp's server logger reports a client's malformed request or dropped connection as an error with a
+    traceback: here it becomes one rate-limited warning line naming the exception, with no traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._log = RateLimitedLog(logging.getLogger("serving.http"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        self._log.warning("http_client_fault", error=type(error).__name__ if error else record.getMessage(),
+                          detail=str(error)[:200] if error else None)
+        return False
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -59,3 +94,6 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     numeric = getattr(logging, level.upper())
     root.setLevel(max(numeric, logging.INFO))
     logging.getLogger("serving").setLevel(numeric)
+    logging.captureWarnings(True)  # a library's warning is a log line in the chosen format, not raw stderr
+    server = logging.getLogger("aiohttp.server")
+    server.filters[:] = [_ClientFaults()]

@@ -35,6 +35,16 @@ def _positive(kind, maximum=None, minimum=1):
     return parse
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     limits = Limits()
     p = argparse.ArgumentParser(prog="python -m serving", description="Serve an exported L-Softmax MNIST model over gRPC.",
@@ -58,8 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browsers on this origin (e.g. https://app.example.com) to call the HTTP API; "
                         "repeatable; none: no cross-origin access")
-    p.add_argument("--http-body-timeout", type=float, default=30.0,
-                   help="seconds an HTTP request body may take to arrive; slower ones get 408")
+    p.add_argument("--http-body-timeout", type=_seconds, default=30.0,
+                   help="seconds an HTTP request body may take to arrive; slower ones get 408 (a body still "
+                        "arriving holds no --max-concurrent-rpcs slot)")
     p.add_argument("--max-images-per-request", type=_positive(int), default=limits.max_images_per_request,
                    help="more images in one request → RESOURCE_EXHAUSTED")
     p.add_argument("--max-message-bytes", type=_positive(int, 2**31 - 1), default=limits.max_message_bytes,
@@ -87,6 +98,32 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "cores and large batches")
     p.add_argument("--max-concurrent-rpcs", type=_positive(int), default=DEFAULT_MAX_CONCURRENT_RPCS,
                    help="calls handled at once; gRPC refuses more with RESOURCE_EXHAUSTED")
+    c = p.add_argument_group("connections (serving.connection_limits; docs/security.md)")
+    c.add_argument("--max-connections", type=_positive(int, minimum=0), default=0,
+                   help="open connections per port (HTTP and gRPC each); beyond it HTTP closes the connection quiet "
+                        "longest and gRPC refuses the new one. 0: derived from the open-file limit (raised to its "
+                        "hard limit at start), at most 4096; never more than that limit leaves room for")
+    c.add_argument("--header-timeout", type=_seconds, default=30.0,
+                   help="seconds a new connection has to send a complete HTTP request head (or a kept-alive one from "
+                        "its next request's first byte), to finish a TLS handshake, to start HTTP/2 on the gRPC "
+                        "port, and an HTTP client to read a reply: connections that say nothing or trickle are closed")
+    c.add_argument("--idle-timeout", type=_seconds, default=60.0,
+                   help="seconds an HTTP keep-alive connection may wait for its next request")
+    c.add_argument("--grpc-max-connection-idle", type=_seconds, default=120.0,
+                   help="seconds a gRPC connection may go without calls before the server sends GOAWAY (clients "
+                        "reconnect when they next call)")
+    c.add_argument("--grpc-max-connection-age", type=_positive(float, minimum=0), default=3600.0,
+                   help="seconds after which a gRPC connection is told to go (GOAWAY) so clients reconnect and "
+                        "spread over replicas and --workers; its calls get --grpc-max-connection-age-grace to "
+                        "finish. 0: no limit")
+    c.add_argument("--grpc-max-connection-age-grace", type=_positive(float, minimum=0), default=30.0,
+                   help="seconds the calls of a connection past its age get to finish")
+    c.add_argument("--grpc-keepalive-time", type=_seconds, default=60.0,
+                   help="the server pings a gRPC connection quiet this long and closes it when the ping is not "
+                        "answered within 20 s (a peer that vanished)")
+    c.add_argument("--grpc-min-ping-interval", type=_seconds, default=10.0,
+                   help="shortest interval between a client's keepalive pings; a client that pings more often "
+                        "twice is sent GOAWAY (ENHANCE_YOUR_CALM)")
     b = p.add_argument_group("dynamic batching (serving.backends.batching)")
     b.add_argument("--dynamic-batching", action=argparse.BooleanOptionalAction, default=True,
                    help="coalesce concurrent requests into one backend call (--no-dynamic-batching: one call each)")

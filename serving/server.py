@@ -61,6 +61,9 @@ from serving.startup import Plan, load_model, make_plan
 from serving.security import TlsConfig, TokenAuth
 from serving.core.inference import InferenceCore
 from serving.http.app import HttpOptions, HttpServer
+from serving.http.bodies import BodyLimits
+from serving.connection_limits import ConnectionLimits
+from serving.logs import RateLimitedLog
 from serving.grpc.typed import SERVICE_NAME, DigitServicer
 from serving.worker_link import WorkerLink
 from serving.workers import supervise
@@ -153,7 +156,8 @@ def _announce(app: _App, event: str, **fields) -> None:
     app.worker.send(event, fields=fields)
 
 
-def _build(args: argparse.Namespace, plan: Plan, worker: WorkerLink | None = None) -> _App:
+def _build(args: argparse.Namespace, plan: Plan, connections: ConnectionLimits,
+           worker: WorkerLink | None = None) -> _App:
     """Step 2: the gRPC server with its interceptor and services (not yet bound)."""
     stats = {e.name: ModelStats(e.name, e.version) for e in plan.served}  # servicers charge calls to these
     drain = Drain()
@@ -162,7 +166,7 @@ def _build(args: argparse.Namespace, plan: Plan, worker: WorkerLink | None = Non
         options=[("grpc.max_receive_message_length", args.max_message_bytes),
                  ("grpc.max_send_message_length", -1),
                  # a busy port is an error, not a silently shared one; a worker shares its parent's
-                 ("grpc.so_reuseport", 1 if worker else 0)],
+                 ("grpc.so_reuseport", 1 if worker else 0), *connections.grpc_options],
         maximum_concurrent_rpcs=args.max_concurrent_rpcs,
     )
     decoder = Decoder(args.decode_threads, args.max_decode_queue, args.max_image_pixels, args.max_request_pixels,
@@ -173,8 +177,9 @@ def _build(args: argparse.Namespace, plan: Plan, worker: WorkerLink | None = Non
     http = None
     if args.http_port >= 0:
         http = HttpServer(core, drain, TokenAuth(plan.token) if plan.token else None,
-                          HttpOptions(max_body_bytes=args.max_message_bytes, max_concurrent=args.max_concurrent_rpcs,
-                                      body_timeout=args.http_body_timeout,
+                          HttpOptions(bodies=BodyLimits.derive(args.max_images_per_request, args.max_message_bytes,
+                                                               args.http_body_timeout),
+                                      connections=connections.http, max_concurrent=args.max_concurrent_rpcs,
                                       cors_origins=tuple(args.http_cors_origin)), plan.configs)
     pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(core), server)
     kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(core, plan.configs), server)
@@ -264,7 +269,26 @@ def _log_ready(args: argparse.Namespace, plan: Plan, app: _App) -> None:
               max_batch_size={name: b.max_batch_size for name, b in plan.batching.items()},
               max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
               inline_below_us=args.inline_below_us, intra_op_threads=args.intra_op_threads,
-              metrics_port=app.metrics.port if app.metrics else None, http_port=app.http.port if app.http else None)
+              metrics_port=app.metrics.port if app.metrics else None, http_port=app.http.port if app.http else None,
+              http_limits=app.http.options.bodies.as_fields() if app.http else None,
+              max_connections=app.http.options.connections.max_connections if app.http else None)
+
+
+class _LoopFaults:
+    """The event loop's error reports: running out of file descriptors while accepting (asyncio retries the accept a
+    second later by itself) is one rate-limited warning, not a traceback each time; anything else as asyncio
+    reports it."""
+
+    def __init__(self) -> None:
+        self._log = RateLimitedLog(logger)
+
+    def handle(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        error = context.get("exception")
+        if isinstance(error, OSError) and "accept" in context.get("message", ""):
+            self._log.warning("accept_failed", error=error.strerror or str(error), errno=error.errno,
+                              hint="out of file descriptors or memory; accepting again shortly")
+            return
+        loop.default_exception_handler(context)
 
 
 async def _drain_and_stop(args: argparse.Namespace, app: _App, shutdown: "_Shutdown",
@@ -314,8 +338,9 @@ async def serve(args: argparse.Namespace, worker: WorkerLink | None = None) -> i
     shutdown = _Shutdown(loop)
     if worker is not None:
         worker.watch(loop, shutdown.order)
+    loop.set_exception_handler(_LoopFaults().handle)
     plan = make_plan(args)
-    app = _build(args, plan, worker)
+    app = _build(args, plan, ConnectionLimits.from_args(args), worker)
     if worker is None:
         await _listen(args, plan, app)
     loading = trimming = None

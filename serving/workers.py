@@ -39,6 +39,7 @@ from typing import Callable
 
 from prometheus_client.core import GaugeMetricFamily, UnknownMetricFamily
 
+from serving.connection_limits import raise_open_files_limit
 from serving.core.errors import StartupError, UsageError
 from serving.logs import log_event
 from serving.metrics_endpoint import MetricsServer
@@ -335,4 +336,5 @@ def supervise(args: argparse.Namespace) -> int:
     """Run the parent of --workers N until every worker has exited; returns the exit status."""
     if not sys.platform.startswith("linux"):
         raise UsageError("--workers above 1 needs Linux (the kernel spreads connections over SO_REUSEPORT sockets)")
+    raise_open_files_limit()  # the workers inherit it and derive their connection caps from it
     return asyncio.run(Supervisor(args).run())

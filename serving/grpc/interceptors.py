@@ -104,13 +104,14 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
         is_coroutine = inspect.iscoroutinefunction(behavior)  # every servicer method here: no per-call check
 
         async def call(request, context):
+            if drain.draining and refusable:  # an answer, not an arrival: the drain does not wait for it
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "the server is shutting down; retry (another replica) later")
             start = drain.arrived()
             context.add_done_callback(drain.answered)
             code = grpc.StatusCode.OK
             error: BaseException | None = None
             try:
-                if drain.draining and refusable:
-                    raise NotReady("the server is shutting down; retry (another replica) later")
                 if is_coroutine:
                     return await behavior(request, context)
                 result = behavior(request, context)
@@ -136,7 +137,7 @@ class BoundaryInterceptor(grpc.aio.ServerInterceptor):
                               images=_count_images(request), ms=round(elapsed / 1e6, 3), peer=context.peer())
             # `error` → its traceback → this frame → `error` is a reference cycle, and the traceback's frames hold
             # the request and everything its handling opened: left to the cyclic GC, a flood of refused requests
-            # kept hundreds of MiB alive (issue 20). Drop both before abort raises.
+            # kept hundreds of MiB alive. Drop both before abort raises.
             error = request = None
             await context.abort(code, details)
 

@@ -16,8 +16,8 @@ from aiohttp import web
 
 from serving.core.inference import InferenceCore
 from serving.core.errors import InvalidInput
-from serving.http.bodies import read_body
-from serving.http.errors import error_response
+from serving.http.bodies import CLOSE, BodyLimits, body_of, off_loop, parse_json
+from serving.http.errors import HttpError, error_response
 from serving.grpc.kserve import runner_config, server_metadata
 from serving.repository.format import OUTPUT_DATATYPE
 
@@ -38,8 +38,9 @@ def _status(ok: bool, why: str = "not ready") -> web.Response:
     return web.Response(status=200) if ok else error_response(503, why)
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-    """(the JSON request, the binary tail) of an infer body."""
+def _split(body: bytes, header_length: str | None, limits: BodyLimits) -> tuple[dict, bytes]:
+    """(the JSON request, the binary tail) of an infer body; counts over the JSON refuse what no valid request
+    within the limits holds before it is parsed."""
     if header_length is None:
         json_part, binary = body, b""
     else:
@@ -49,11 +50,13 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
             raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
         if not 0 <= length <= len(body):
             raise InvalidInput(f"{HEADER_LENGTH} {length} is beyond the body's {len(body)} bytes")
+        if length > limits.kserve_json_bytes:
+            raise HttpError(413, f"the JSON header of {length} bytes is larger than the {limits.kserve_json_bytes} "
+                                 "bytes this server accepts for it", CLOSE)
         json_part, binary = body[:length], body[length:]
-    try:
-        request = json.loads(json_part)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the inference request is not valid JSON ({exc})") from None
+    lists = limits.max_images * 32 + 64  # [N,1,28,28] nests 30 lists per image
+    request = parse_json(json_part, "the inference request", max_objects=1024, max_lists=lists,
+                         max_commas=limits.max_json_values + lists + 1024)
     if not isinstance(request, dict):
         raise InvalidInput("the inference request must be a JSON object")
     return request, binary
@@ -67,22 +70,25 @@ def _parameters(holder: dict, what: str) -> dict:
     return parameters
 
 
-def _flatten(data) -> np.ndarray:
+def _flatten(name: str, data) -> np.ndarray:
+    """KServe JSON `data` (nested lists of numbers) as flat uint8, refusing anything else before a cast could."""
     try:
         array = np.asarray(data, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidInput("input 'data' must be a (nested) list of numbers") from None
-    if array.size and not np.all(np.isfinite(array) & (array == np.round(array))):
-        raise InvalidInput("UINT8 input data must be whole numbers 0..255")
-    return array
+    with np.errstate(all="ignore"):
+        if array.size and not np.all(array == np.floor(array)):
+            raise InvalidInput("UINT8 input data must be whole numbers 0..255")
+        if array.size and not (array.min() >= 0 and array.max() <= 255):
+            raise InvalidInput(f"input '{name}' UINT8 values must be 0..255")
+    return array.astype(np.uint8)
 
 
 class KServeRest:
-    def __init__(self, core: InferenceCore, configs: dict, max_body_bytes: int, body_timeout: float) -> None:
+    def __init__(self, core: InferenceCore, configs: dict, limits: BodyLimits) -> None:
         self.core = core
         self.configs = configs
-        self.max_body_bytes = max_body_bytes
-        self.body_timeout = body_timeout
+        self.limits = limits
         self._effective: dict[str, dict] = {}
 
     async def live(self, request: web.Request) -> web.Response:
@@ -121,9 +127,9 @@ class KServeRest:
 
     async def infer(self, request: web.Request) -> web.Response:
         runner = self._runner(request, inference=True)
-        body = await read_body(request, self.max_body_bytes, self.body_timeout)
-        infer, binary = _split(body, request.headers.get(HEADER_LENGTH))
-        images = self._images(runner.name, infer, binary)
+        body, header_length = body_of(request), request.headers.get(HEADER_LENGTH)
+        infer, tensor = await off_loop(lambda: self._parse(body, header_length), len(body))
+        images = self.core.tensor_images(runner.name, **tensor)
         requested = infer.get("outputs") or []
         if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
                                                       for o in requested):
@@ -152,7 +158,10 @@ class KServeRest:
         return web.Response(body=header + b"".join(tails), content_type="application/octet-stream",
                             headers={HEADER_LENGTH: str(len(header))})
 
-    def _images(self, model: str, infer: dict, binary: bytes) -> np.ndarray:
+    def _parse(self, body: bytes, header_length: str | None) -> tuple[dict, dict]:
+        """The request and its one input tensor's fields (name, datatype, shape, raw or values), checked; runs in
+        a worker thread for large bodies, so it touches nothing of the core."""
+        infer, binary = _split(body, header_length, self.limits)
         inputs = infer.get("inputs")
         if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
             got = ", ".join(repr(i.get("name")) for i in inputs if isinstance(i, dict)) \
@@ -164,6 +173,7 @@ class KServeRest:
             raise InvalidInput("the input needs a 'name' and a 'datatype'")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidInput(f"input '{name}': 'shape' must be a list of integers")
+        fields = {"name": name, "datatype": datatype, "shape": shape}
         size = _parameters(tensor, f"input '{name}'").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0:
@@ -171,13 +181,13 @@ class KServeRest:
             if size != len(binary):
                 raise InvalidInput(f"input '{name}': binary_data_size {size} but {len(binary)} bytes follow the "
                                    "JSON header (truncated or extra data)")
-            return self.core.tensor_images(model, name, datatype, shape, raw=binary)
+            return infer, {**fields, "raw": binary}
         if binary:
             raise InvalidInput(f"{len(binary)} bytes of binary data follow the JSON header, but no input declares "
                                "binary_data_size")
         if "data" not in tensor:
             raise InvalidInput(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
-        return self.core.tensor_images(model, name, datatype, shape, values=_flatten(tensor["data"]))
+        return infer, {**fields, "values": _flatten(name, tensor["data"])}
 
 
 def add_routes(app: web.Application, rest: KServeRest) -> None:

@@ -14,8 +14,8 @@ from google.protobuf import json_format
 
 from serving._proto.lsoftmax.v1 import digit_service_pb2 as pb
 from serving.core.inference import InferenceCore
-from serving.core.errors import InvalidInput
-from serving.http.bodies import multipart_files, read_body
+from serving.core.errors import InvalidInput, LimitExceeded
+from serving.http.bodies import BodyLimits, body_of, multipart_files, off_loop, parse_json
 from serving.http.errors import HttpError
 from serving.grpc.typed import classify_response, model_info_response
 
@@ -59,27 +59,40 @@ def _top_k(query) -> int:
 
 
 class TypedRest:
-    def __init__(self, core: InferenceCore, max_body_bytes: int, body_timeout: float) -> None:
+    def __init__(self, core: InferenceCore, limits: BodyLimits) -> None:
         self.core = core
-        self.max_body_bytes = max_body_bytes
-        self.body_timeout = body_timeout
+        self.limits = limits
+
+    def _parse_json(self, body: bytes, message):
+        """The request message from protobuf's JSON mapping; the images are counted before the (slow) mapping
+        runs. In a worker thread for large bodies."""
+        most = self.limits.max_images
+        request = parse_json(body, "the request", max_objects=2 * most + 16)
+        if not isinstance(request, dict):
+            raise InvalidInput(f"the request must be a {message.DESCRIPTOR.name} as a JSON object")
+        images = request.get("images")
+        if isinstance(images, list) and len(images) > most:
+            raise LimitExceeded(f"{len(images)} images in one request; this server accepts at most {most} "
+                                "(--max-images-per-request)")
+        try:
+            return json_format.ParseDict(request, message)
+        except (json_format.ParseError, ValueError, TypeError) as exc:
+            raise InvalidInput(f"the request is not a valid {message.DESCRIPTOR.name} in JSON "
+                               f"({str(exc).splitlines()[0]})") from None
 
     async def _request(self, request: web.Request, message):
         """The request message: parsed from JSON, or built from a raw image or a multipart upload and the query."""
         content_type = request.content_type  # without parameters, lowercase
-        body = await read_body(request, self.max_body_bytes, self.body_timeout)
+        body = body_of(request)
         if content_type == "application/json":
-            try:
-                return json_format.Parse(body.decode("utf-8"), message)
-            except (json_format.ParseError, UnicodeDecodeError) as exc:
-                raise InvalidInput(f"the request is not a valid {message.DESCRIPTOR.name} in JSON "
-                                   f"({str(exc).splitlines()[0]})") from None
+            return await off_loop(lambda: self._parse_json(body, message), len(body))
         if content_type.startswith("image/") or content_type == "application/octet-stream":
             if not body:
                 raise InvalidInput("the request body is empty: send the image's bytes")
             files = [body]
         elif content_type == "multipart/form-data":
-            files = [data for _, data in multipart_files(request.headers["Content-Type"], body)]
+            files = [data for _, data in await off_loop(
+                lambda: multipart_files(request.headers["Content-Type"], body, self.limits.max_images), len(body))]
         else:
             raise HttpError(415, f"unsupported Content-Type {content_type or '(none)'!r}: send application/json, "
                                  "an image (image/png, image/jpeg, ...) or multipart/form-data")
