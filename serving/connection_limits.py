@@ -6,7 +6,7 @@ Every connection holds a file descriptor, and a process that runs out of them ca
 open no file. So at start the soft RLIMIT_NOFILE is raised to the hard limit (as Go's runtime and nginx's
 worker_rlimit_nofile do), and each port's connection cap is derived from what that leaves: the descriptors open
 now, those the metrics endpoint may hold, and RESERVED_FDS for the models, the decoders and the log are set
-aside; the HTTP and gRPC ports share the rest, at most MAX_CONNECTIONS_DEFAULT each. --max-connections sets the
+aside (RESERVED_FDS is at most an eighth of a small limit); the HTTP and gRPC ports share the rest, at most MAX_CONNECTIONS_DEFAULT each. --max-connections sets the
 cap instead, but never above that share.
 """
 
@@ -28,7 +28,7 @@ __all__ = ["ConnectionLimits", "raise_open_files_limit", "MAX_CONNECTIONS_DEFAUL
 logger = logging.getLogger("serving")
 
 MAX_CONNECTIONS_DEFAULT = 4096  # per port: far beyond what 2 cores answer at once, a bounded memory for idle ones
-RESERVED_FDS = 128  # model files, decoder and ONNX Runtime threads' files, the log, a restart's pipes
+RESERVED_FDS = 128  # model files, decoder and ONNX Runtime threads' files, the log (at most 1/8 of the limit)
 METRICS_MAX_CONNECTIONS = 64  # the Prometheus endpoint's own cap (serving.metrics_endpoint)
 MIN_CONNECTIONS = 8  # below this a port cannot serve a few clients: refuse to start instead
 
@@ -63,7 +63,7 @@ class ConnectionLimits:
     @classmethod
     def from_args(cls, args: argparse.Namespace, announce: bool = True) -> "ConnectionLimits":
         before, soft, hard = raise_open_files_limit()
-        share = (soft - _open_descriptors() - RESERVED_FDS - METRICS_MAX_CONNECTIONS) // 2
+        share = (soft - _open_descriptors() - min(RESERVED_FDS, soft // 8) - METRICS_MAX_CONNECTIONS) // 2
         if share < MIN_CONNECTIONS:
             raise UsageError(f"the open-file limit ({soft}) leaves {max(share, 0)} connections per port; raise it "
                              f"(ulimit -n, LimitNOFILE=) to at least {2 * MIN_CONNECTIONS + RESERVED_FDS + 256}")

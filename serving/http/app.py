@@ -187,8 +187,8 @@ class HttpServer:
                 status, message = status_for(exc)
                 response = error_response(status, message)
             self._headers(request, response)
-            if response.headers.get("Connection", "").lower() == "close":
-                response.force_close()  # the body was not read (or not all): do not read the rest either
+            if response.headers.get("Connection", "").lower() == "close" or self.drain.draining:
+                response.force_close()  # the body was not read (or not all), or shutting down: this connection ends
             if arrived:  # counted before the answer leaves: a client that scrapes right after it sees the call
                 elapsed, recorded = time.perf_counter_ns() - start, True
                 record(charged(), ok, error, elapsed)

@@ -40,7 +40,7 @@ JSON_BYTES_PER_VALUE = 16  # "255," is 4; pretty-printed, one per line with inde
 JSON_SLACK_BYTES = 64 * 1024  # names, shapes, parameters, outputs
 INLINE_PARSE_BYTES = 64 * 1024  # smaller bodies are parsed on the loop: the thread hand-off costs more
 INFLATE_STEP_BYTES = 1 << 20  # inflate at most this much before letting the loop run others
-_BODY_KEY = "lsoftmax.body"
+_BODY_KEY = web.RequestKey("lsoftmax.body", bytes)
 
 T = TypeVar("T")
 

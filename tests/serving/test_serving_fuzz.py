@@ -259,3 +259,83 @@ def test_malformed_http_requests_are_refused_and_the_server_keeps_serving(onnx_s
     good = json.dumps({"images": [{"pixels": __import__("base64").b64encode(bytes(784)).decode()}]}).encode()
     assert send(("POST", "/v1/classify", {"Content-Type": "application/json"}, good))[0] == 200
     assert not [line for line in onnx_server.lines if "unhandled exception" in line]
+
+
+def _wire_cases() -> list[tuple[str, bytes]]:
+    """Requests as bytes on the wire, malformed where http.client would not let a test be: the request line and
+    headers, framing, encodings and bodies that once answered 500 or logged a traceback."""
+    deep = b'{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1], "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}"
+
+    def post(path: str, headers: str, body: bytes) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{headers}\r\n").encode() + body
+
+    infer = f"/v2/models/{MODEL}/infer"
+    return [
+        ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64)),  # a TLS ClientHello
+        ("bad request line", b"GET\r\n\r\n"),
+        ("bad method", b"G\x00T / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("bad version", b"GET / HTTP/9.9\r\nHost: x\r\n\r\n"),
+        ("bad header", b"GET / HTTP/1.1\r\nHost x\r\n\r\n"),
+        ("huge header", b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 20_000 + b"\r\n\r\n"),
+        ("two lengths", b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"),
+        ("bad chunked", b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"),
+        ("nul in a static path", b"GET /static/app.js%00.png HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("dot dot", b"GET /static/..%2F..%2Fserver.py HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("deep json", post(infer, "Content-Type: application/json\r\n", deep)),
+        ("not gzip", post(infer, "Content-Type: application/json\r\nContent-Encoding: gzip\r\n", b"plain text")),
+        ("unknown encoding", post(infer, "Content-Type: application/json\r\nContent-Encoding: zstd\r\n", b"x")),
+        ("non-latin-1 boundary", post("/v1/classify", "Content-Type: multipart/form-data; boundary=\u00e9\u4e2d\r\n"
+                                      .encode("utf-8").decode("latin-1"), b"--x\r\n\r\nx\r\n--x--")),
+        ("typed json list", post("/v1/classify", "Content-Type: application/json\r\n", b"[1, 2]")),
+        ("typed json wrong types", post("/v1/classify", "Content-Type: application/json\r\n",
+                                        b'{"images": [{"encoded": 5}], "top_k": "x"}')),
+        ("huge numbers", post(infer, "Content-Type: application/json\r\n",
+                              json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                                                      "data": [1e300] * 784}]}).encode())),
+        ("json header length beyond", post(infer, "Inference-Header-Content-Length: 99999\r\n", b"{}")),
+        ("cut mid-body", b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\nabc"),
+    ]
+
+
+@pytest.mark.parametrize("name, raw", _wire_cases(), ids=[name for name, _ in _wire_cases()])
+def test_malformed_wire_requests_get_a_4xx_and_no_traceback(onnx_server, name, raw):
+    """Whatever arrives, the answer (if the request could be read at all) is a 4xx, the log gets no traceback and
+    no error line, and the server answers the next client."""
+    import socket
+
+    port = onnx_server.wait_for("listening")["http_port"]
+    since = len(onnx_server.lines)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(raw)
+        if name == "cut mid-body":
+            sock.shutdown(socket.SHUT_WR)  # the client goes away before its body is complete
+        answer = b""
+        try:
+            while not answer.endswith(b"}") and len(answer) < 65536:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    if answer:
+        status = int(answer.split(b" ", 2)[1])
+        assert 400 <= status < 500, (name, answer[:300])
+    status, _, _ = _http_get(port, "/v2/health/ready")
+    assert status == 200
+    new = onnx_server.lines[since:]
+    assert not [line for line in new if "Traceback" in line or '"exception"' in line or '"level": "error"' in line
+                or not line.startswith("{")], new
+
+
+def _http_get(port: int, path: str):
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.getheaders(), response.read()
+    finally:
+        connection.close()
