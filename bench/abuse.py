@@ -4,8 +4,8 @@
         [--cwd DIR] [--label NAME] [--model-repository REPO] [--server-flags "--workers 2"] [--nofile 1024] \\
         [--window-seconds 60] [--observe-seconds 150] [--body-window-seconds 20] [--json OUT] [--log-dir DIR]
 
-    # before/after: the same scenarios against an older serving/ and the working tree
-    rm -rf /tmp/before && mkdir -p /tmp/before && git archive HEAD serving | tar -x -C /tmp/before
+    # before/after: the same scenarios against an older commit's serving/ and the working tree
+    rm -rf /tmp/before && mkdir -p /tmp/before && git archive COMMIT serving | tar -x -C /tmp/before
     python -m bench.abuse --cwd /tmp/before --label before --json /tmp/abuse_before.json
     python -m bench.abuse --label after --json /tmp/abuse_after.json
     python -m bench.abuse --cwd /tmp/before --label before-w2 --scenario connections --server-flags "--workers 2"
@@ -390,6 +390,8 @@ def parse_responses(buffer: bytearray) -> list[str]:
     not a response is reported as `garbage` and dropped; an incomplete one is left for the next read."""
     statuses = []
     while buffer:
+        if len(buffer) < 5 and b"HTTP/".startswith(buffer):
+            break  # the start of one
         if not buffer.startswith(b"HTTP/"):
             statuses.append("garbage")
             buffer.clear()
@@ -401,8 +403,8 @@ def parse_responses(buffer: bytearray) -> list[str]:
         length = 0
         for line in head[1:]:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value.strip() or 0)
+            if name.strip().lower() == "content-length" and value.strip().isdigit():
+                length = int(value.strip())
         if len(buffer) < end + 4 + length:
             break
         statuses.append(head[0].split(" ")[1] if " " in head[0] else "garbage")
@@ -428,15 +430,15 @@ class Conn:
 
 class Flood(threading.Thread):
     """TCP connections to one port, opened all at once with non-blocking sockets and driven by one selector loop.
-    Kinds: silent, slowloris, keepalive (HTTP port); h2 (gRPC port); trickle (a POST body at a byte per
+    Kinds: silent, slowloris, keepalive (HTTP port); h2 (`h2`: a gRPC port); trickle (a POST body at a byte per
     `interval`, reconnecting when closed). A connection the server ends (EOF, reset, a send that fails) is closed
     here and its time since connecting kept. `ready` is set once no connection is still connecting (a connect
     that takes over `connect_timeout` counts as failed)."""
 
     def __init__(self, port: int, kinds: list[str], interval: float = 2.0, connect_timeout: float = 10.0,
-                 reconnect: bool = False) -> None:
+                 reconnect: bool = False, h2: bool = False) -> None:
         super().__init__(daemon=True, name="flood")
-        self.port, self.kinds, self.interval = port, kinds, interval
+        self.port, self.kinds, self.interval, self.h2 = port, kinds, interval, h2
         self.connect_timeout, self.reconnect = connect_timeout, reconnect
         self.ready = threading.Event()
         self.stopped = threading.Event()
@@ -578,7 +580,7 @@ class Flood(threading.Thread):
                 self._closed(conn, "eof")
                 return
             conn.rbuf += data
-            if conn.kind == "h2":
+            if self.h2:  # a gRPC port: the server's HTTP/2 frames (its SETTINGS reach silent connections too)
                 while len(conn.rbuf) >= 9:
                     length = int.from_bytes(conn.rbuf[:3], "big")
                     if len(conn.rbuf) < 9 + length:
@@ -847,7 +849,7 @@ def scenario_connections(repository: Path, opts: argparse.Namespace, grpc_port_t
         lines_before = len(server.lines)
         kinds = ("silent", "h2") if grpc_port_target else ("silent", "slowloris", "keepalive")
         flood = Flood(grpc_port if grpc_port_target else http_port, split_kinds(opts.attack_connections, kinds),
-                      connect_timeout=opts.connect_timeout)
+                      connect_timeout=opts.connect_timeout, h2=grpc_port_target)
         flood.start()
         flood.ready.wait(opts.connect_timeout + 60)
         result["attack_open_s"] = flood.open_seconds

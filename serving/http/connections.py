@@ -19,9 +19,10 @@ between the transport and aiohttp's, and is in one of these states, each with it
 - `busy`: being answered; no clock here but the write timeout below;
 - `idle`: answered and kept alive: closed after `idle_timeout` without a new byte.
 A reply the client does not read (the transport's buffer full) must drain within `write_timeout`.
-At most `max_connections` are open: a new one beyond that closes the connection that has been idle, in a head or in
-a handshake the longest (then the oldest still sending a body); a connection being answered is never closed to
-make room, and when all are, the new one is closed at once. So one client holding as many connections as it
+At most `max_connections` are open: a new one beyond that closes the connection that has been longest in its
+state, whether idle, in a head, in a handshake or still sending a body (a trickling body is as old as its first
+byte, a client that just connected is the youngest); a connection being answered is never closed to make room,
+and when all are, the new one is closed at once. So one client holding as many connections as it
 can still cannot keep another client's new connection out. Refusals and evictions are logged at most once per
 LOG_EVERY_S per kind, at warning level.
 """
@@ -42,7 +43,6 @@ __all__ = ["ConnectionGuard", "ConnectionPolicy"]
 logger = logging.getLogger("serving.http")
 
 HANDSHAKE, HEAD, BODY, BUSY, IDLE = "handshake", "head", "body", "busy", "idle"
-_EVICTABLE_FIRST = (HANDSHAKE, HEAD, IDLE)  # ordered by how long they have been in that state
 
 
 @dataclass(frozen=True)
@@ -195,8 +195,7 @@ class ConnectionGuard:
         self.ssl_context = ssl_context
         self.loop: asyncio.AbstractEventLoop | None = None
         self._open: dict[_Connection, None] = {}
-        self._evictable: dict[_Connection, None] = {}  # handshake/head/idle, oldest first
-        self._sending: dict[_Connection, None] = {}  # reading a body, oldest first
+        self._evictable: dict[_Connection, None] = {}  # all but those being answered, longest in their state first
         self._by_transport: dict[asyncio.BaseTransport, _Connection] = {}
         self._handshakes: set[asyncio.Task] = set()
         self._log = RateLimitedLog(logger)
@@ -238,7 +237,7 @@ class ConnectionGuard:
 
     def _admit(self, connection: _Connection) -> bool:
         if len(self._open) >= self.policy.max_connections:
-            victim = next(iter(self._evictable), None) or next(iter(self._sending), None)
+            victim = next(iter(self._evictable), None)
             if victim is None:
                 self.refused += 1
                 self._log.warning("http_connection_refused", max_connections=self.policy.max_connections,
@@ -256,15 +255,11 @@ class ConnectionGuard:
 
     def _moved(self, connection: _Connection) -> None:
         self._evictable.pop(connection, None)
-        self._sending.pop(connection, None)
-        if connection.state in _EVICTABLE_FIRST:
-            self._evictable[connection] = None
-        elif connection.state == BODY:
-            self._sending[connection] = None
+        if connection.state != BUSY:
+            self._evictable[connection] = None  # to the end: the order is how long each has been in its state
 
     def _forget(self, connection: _Connection) -> None:
         self._open.pop(connection, None)
         self._evictable.pop(connection, None)
-        self._sending.pop(connection, None)
         if connection.transport is not None:
             self._by_transport.pop(connection.transport, None)

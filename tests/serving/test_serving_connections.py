@@ -135,7 +135,7 @@ def test_held_connections_are_closed_and_other_clients_answer(model_repository, 
             idle = _open(http_port, 100, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
             grpc_held = _open(grpc_port, 30) + _open(grpc_port, 30, HTTP2_PREFACE)
             # bodies that trickle in: they hold connections, never one of the 4 concurrency slots
-            bodies = _open(http_port, 8, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            bodies = _open(http_port, 100, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                                          b"Content-Length: 100000\r\n\r\n\x89PNG")
             attackers = silent + heads + idle + grpc_held + bodies
 
