@@ -11,7 +11,9 @@ Lifecycle (grpc.aio, one asyncio event loop):
 3. each backend loads and warms up in a worker thread; then health turns SERVING and `ready` is logged;
 4. SIGTERM/SIGINT: health NOT_SERVING; drain: new calls get UNAVAILABLE "shutting down" (retryable; gRPC's
    own shutdown would cancel calls still waiting to be picked up) while the calls in flight (queued ones
-   included) finish; once none is in flight and no call came or was answered for DRAIN_QUIET_S (at most half the grace
+   included) finish; the HTTP port stops accepting at once (a new connection is refused, so a client knows nothing
+   was sent, and another --workers process or replica takes it) while its open connections get their answers,
+   each with `Connection: close`; once none is in flight and no call came or was answered for DRAIN_QUIET_S (at most half the grace
    period), stop the gRPC server with the rest of --grace-seconds, release the models, exit 0. A second
    signal cuts all of it short.
 Services: lsoftmax.v1.DigitService, inference.GRPCInferenceService (KServe v2), grpc.health.v1.Health
@@ -300,6 +302,8 @@ async def _drain_and_stop(args: argparse.Namespace, app: _App, shutdown: "_Shutd
     await app.health.enter_graceful_shutdown()
     app.drain.draining = True
     app.core.draining = True
+    if app.http is not None:
+        app.http.stop_accepting()
     quiet = min(DRAIN_QUIET_S, args.grace_seconds / 4)
     drained = await _until(app.drain.wait(quiet, args.grace_seconds / 2), shutdown.forced)
     log_event(logger, logging.INFO, "drained", drained=bool(drained), in_flight=app.drain.in_flight,

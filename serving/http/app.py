@@ -109,6 +109,12 @@ class HttpServer:
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]  # the port the OS picked for --http-port 0
 
+    def stop_accepting(self) -> None:
+        """Draining: new connections are refused (nothing sent, so nothing lost; under --workers another process
+        takes them), the open ones are answered, each answer closing its connection."""
+        for server in self._servers:
+            server.close()
+
     async def stop(self) -> None:
         for server in self._servers:
             server.close()

@@ -321,18 +321,30 @@ def _one_held_at_the_backend(server, gates):
 
 
 def test_sigterm_drains_http_too(model_repository, gates):
-    """A request held at the backend finishes after SIGTERM; meanwhile ready says 503 and new inference gets 503."""
+    """A request held at the backend finishes after SIGTERM; meanwhile new connections are refused (nothing sent,
+    nothing lost), and on connections already open ready says 503 and new inference gets 503, each answer closing
+    its connection."""
     import signal
 
     server = gates.server(model_repository, "--backend", "onnx", "--device", "cpu", "--grace-seconds", "60").start()
     try:
         address, request, thread, held = _one_held_at_the_backend(server, gates)
+        host, port = address.rsplit(":", 1)
+        kept = [http.client.HTTPConnection(host, int(port), timeout=30) for _ in range(2)]
+        for connection in kept:  # kept-alive connections from before the signal
+            connection.request("GET", "/v2/health/live")
+            assert connection.getresponse().read() == b""
         server.proc.send_signal(signal.SIGTERM)
         server.wait_for("stopping")
-        assert _request(address, "GET", "/v2/health/ready")[0] == 503
-        status, message = _error(_request(address, "POST", "/v1/classify", request,
-                                          {"Content-Type": "application/json"}))
-        assert status == 503 and "shutting down" in message
+        for connection, (method, path, body) in zip(kept, [("GET", "/v2/health/ready", None),
+                                                           ("POST", "/v1/classify", request)]):
+            connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+            assert response.status == 503 and response.getheader("Connection") == "close", answer
+            assert "shutting down" in answer["error"] or path.endswith("ready")
+        with pytest.raises(ConnectionRefusedError):
+            _request(address, "GET", "/v2/health/ready")
         gates.release()
         thread.join(120)
         assert held and held[0][0] == 200
