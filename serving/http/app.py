@@ -50,6 +50,9 @@ CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/c
                  ".svg": "image/svg+xml", ".ico": "image/x-icon", ".json": "application/json",
                  ".webmanifest": "application/manifest+json"}
 CORS_HEADERS = "Authorization, Content-Type, Inference-Header-Content-Length"
+# connections the kernel completes before the server accepts them: a burst larger than this is dropped by the
+# kernel unseen (the connection cap, not the backlog, bounds what the server holds)
+BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,7 @@ class HttpServer:
         self.guard = ConnectionGuard(self.options.connections, ssl_context)  # it runs TLS itself, to count it
         try:
             server = await asyncio.get_running_loop().create_server(
-                self.guard.factory(self._runner.server), host.strip("[]") or None, port, backlog=128,
+                self.guard.factory(self._runner.server), host.strip("[]") or None, port, backlog=BACKLOG,
                 reuse_address=True, reuse_port=reuse_port)
         except OSError as exc:
             await self._runner.cleanup()

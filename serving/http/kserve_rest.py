@@ -54,9 +54,7 @@ def _split(body: bytes, header_length: str | None, limits: BodyLimits) -> tuple[
             raise HttpError(413, f"the JSON header of {length} bytes is larger than the {limits.kserve_json_bytes} "
                                  "bytes this server accepts for it", CLOSE)
         json_part, binary = body[:length], body[length:]
-    lists = limits.max_images * 32 + 64  # [N,1,28,28] nests 30 lists per image
-    request = parse_json(json_part, "the inference request", max_objects=1024, max_lists=lists,
-                         max_commas=limits.max_json_values + lists + 1024)
+    request = parse_json(json_part, "the inference request", limits.kserve_counts)
     if not isinstance(request, dict):
         raise InvalidInput("the inference request must be a JSON object")
     return request, binary

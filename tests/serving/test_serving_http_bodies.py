@@ -36,21 +36,34 @@ def test_limits_follow_from_the_images_a_request_may_hold():
     assert small.kserve_json_bytes == 4 * 784 * 16 + 64 * 1024
 
 
-@pytest.mark.parametrize("body, most", [
-    (b"[" + b"[]," * 100_000 + b"[]]", {"max_lists": 1000}),  # many empty lists
-    (b"[" + b"0," * 300_000 + b"0]", {"max_commas": 200_000}),  # more numbers than 256 images hold
-    (b"[" + b"{}," * 10_000 + b"{}]", {"max_objects": 528}),  # many empty images
+@pytest.mark.parametrize("body, counts", [
+    (b"[" + b"[]," * 100_000 + b"[]]", LIMITS.kserve_counts),  # many empty lists
+    (b"[" + b"0," * 300_000 + b"0]", LIMITS.kserve_counts),  # more numbers than 256 images hold
+    (b"[" + b"{}," * 10_000 + b"{}]", LIMITS.typed_counts),  # many empty images
 ])
-def test_counts_refuse_impossible_json_before_parsing(body, most):
+def test_counts_refuse_impossible_json_before_parsing(body, counts):
     with pytest.raises(HttpError) as refused:
-        parse_json(body, "the request", **most)
+        parse_json(body, "the request", counts)
     assert refused.value.status == 413 and refused.value.headers == {"Connection": "close"}
+
+
+def test_an_impossible_json_body_is_refused_as_it_arrives():
+    async def run():
+        first = b'{"images": [' + b"{}," * 2_000  # the rest never comes: refused on what has arrived
+        request = _request(first, {"Content-Type": "application/json", "Content-Length": str(10 * len(first))},
+                           "/v1/classify", complete=False)
+        with pytest.raises(HttpError) as refused:
+            await receive(request, LIMITS)
+        return refused.value
+
+    refused = asyncio.run(run())
+    assert refused.status == 413 and "objects" in str(refused)
 
 
 def test_deep_nesting_is_a_400_not_a_crash():
     with pytest.raises(InvalidInput, match="not valid JSON"):
         parse_json(b"[" * 100_000 + b"]" * 100_000, "the inference request")
-    assert parse_json(b'{"a": [[1, 2], [3]]}', "x", max_lists=3, max_commas=2) == {"a": [[1, 2], [3]]}
+    assert parse_json(b'{"a": [[1, 2], [3]]}', "x", {b"[": 3, b",": 2}) == {"a": [[1, 2], [3]]}
 
 
 def _multipart(parts: list[tuple[dict[str, str], bytes]], boundary: str = "b0undary") -> tuple[str, bytes]:
@@ -94,11 +107,13 @@ def test_bad_multipart_bodies_are_refused(content_type, body, error, status):
         assert refused.value.status == status
 
 
-def _request(body: bytes, headers: dict[str, str], path: str = "/v2/models/m/infer"):
+def _request(body: bytes, headers: dict[str, str], path: str = "/v2/models/m/infer", complete: bool = True):
+    """A request whose body has arrived (complete) or whose first bytes only have."""
     protocol = mock.Mock(_reading_paused=False)  # the little of aiohttp's protocol a StreamReader touches
     payload = streams.StreamReader(protocol, 2**16, loop=asyncio.get_running_loop())
     payload.feed_data(body)
-    payload.feed_eof()
+    if complete:
+        payload.feed_eof()
     return make_mocked_request("POST", path, headers={"Content-Length": str(len(body)), **headers},
                                payload=payload, protocol=protocol)
 
