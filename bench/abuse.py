@@ -44,6 +44,7 @@ the configuration, and a compact table ends the run. The victims' gRPC channels 
 from __future__ import annotations
 
 import argparse
+import base64
 import heapq
 import http.client
 import io
@@ -70,8 +71,9 @@ from pathlib import Path
 from bench.server_process import PROJECT_ROOT, ServerProcess
 
 SCENARIOS = ("connections", "grpc-connections", "bodies", "trickle", "drain")
-BODY_FORMATS = ("kserve-json-nested", "kserve-json-deep", "kserve-json-recursion", "kserve-binary",
-                "typed-json-empty-images", "raw-image", "multipart-tiny-parts", "gzip")
+BODY_FORMATS = ("kserve-json-nested", "kserve-json-deep", "kserve-json-recursion", "kserve-json-valid",
+                "kserve-binary", "typed-json-empty-images", "typed-json-valid", "raw-image", "multipart-tiny-parts",
+                "gzip")
 HOST = "127.0.0.1"
 PIXELS = 784  # one 28x28 image
 IMAGE_SHAPE = (1, 28, 28)  # serving.repository.format.IMAGE_DIMS (not imported: bench may measure another serving/)
@@ -686,6 +688,27 @@ def kserve_json_recursion(size: int, model: str) -> Body:
                 body[:-len(tail)] + b" " * (size - len(body)) + tail, f"depth {depth}")
 
 
+def kserve_json_valid(model: str, images: int) -> Body:
+    """The largest valid KServe JSON request: `images` (--max-images-per-request) 28x28 images of 255s as nested
+    [N,1,28,28] lists, pretty-printed (one number a line): every byte of it is parsed, and it is answered 200."""
+    data = [[[[255] * 28] * 28]] * images
+    body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [images, *IMAGE_SHAPE],
+                                   "data": data}]}, indent=1).encode()
+    return Body(f"/v2/models/{model}/infer", {"Content-Type": "application/json"}, body, f"{images} images")
+
+
+def typed_json_valid(model: str, images: int) -> Body:
+    """The largest valid typed-API JSON request of real images: `images` 240x240 noisy PNGs (~58 KB each, 15 MB in all), base64."""
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 240), dtype=np.uint8)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    body = json.dumps({"images": [{"encoded": base64.b64encode(png).decode()}] * images}).encode()
+    return Body("/v1/classify", {"Content-Type": "application/json"}, body, f"{images} PNGs of {len(png)} B")
+
+
 def kserve_binary(size: int, model: str) -> Body:
     """Triton's binary extension: a JSON header, then the largest raw UINT8 tail of whole images that fits."""
     def header(images: int) -> bytes:
@@ -752,6 +775,7 @@ def gzip_bomb(model: str, inflated: int) -> Body:
 LIMIT_KEYS = {  # which of the ready record's http_limits bounds each format's body, first present wins
     "kserve-json-nested": ("json_bytes", "body_bytes"), "kserve-json-deep": ("json_bytes", "body_bytes"),
     "kserve-json-recursion": ("json_bytes", "body_bytes"), "kserve-binary": ("body_bytes",),
+    "kserve-json-valid": ("json_bytes", "body_bytes"), "typed-json-valid": ("typed_json_bytes", "body_bytes"),
     "typed-json-empty-images": ("typed_json_bytes", "body_bytes"), "raw-image": ("body_bytes",),
     "multipart-tiny-parts": ("body_bytes",), "gzip": ("body_bytes",)}
 
@@ -773,6 +797,9 @@ def build_body(fmt: str, ready: dict, opts: argparse.Namespace) -> Body:
         return multipart_tiny_parts(size, model, (ready.get("http_limits") or {}).get("multipart_parts"))
     if fmt == "gzip":
         return gzip_bomb(model, opts.gzip_inflated_bytes)
+    if fmt in ("kserve-json-valid", "typed-json-valid"):
+        images = int(ready.get("max_images_per_request") or 256)
+        return (kserve_json_valid if fmt == "kserve-json-valid" else typed_json_valid)(model, images)
     return {"kserve-json-nested": kserve_json_nested, "kserve-json-recursion": kserve_json_recursion,
             "kserve-binary": kserve_binary, "typed-json-empty-images": typed_json_empty_images,
             "raw-image": raw_image}[fmt](size, model)
