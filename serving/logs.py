@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 
-__all__ = ["configure_logging", "log_event", "LOG_LEVELS", "RateLimitedLog", "LOG_EVERY_S"]
+__all__ = ["configure_logging", "log_event", "LOG_LEVELS", "RateLimitedLog", "LOG_EVERY_S", "LoopFaults"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_EVERY_S = 60.0  # a client's fault of one kind is logged at most this often (the rest are counted into it)
@@ -59,6 +59,23 @@ class _ClientFaults(logging.Filter):
         self._log.warning("http_client_fault", error=type(error).__name__ if error else record.getMessage(),
                           detail=str(error)[:200] if error else None)
         return False
+
+
+class LoopFaults:
+    """The event loop's error reports (loop.set_exception_handler): running out of file descriptors or memory while
+    accepting, which asyncio retries a second later by itself, is one rate-limited warning instead of an error with
+    a traceback each time; anything else is reported as asyncio does."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = RateLimitedLog(logger)
+
+    def handle(self, loop, context: dict) -> None:
+        error = context.get("exception")
+        if isinstance(error, OSError) and "accept" in context.get("message", ""):
+            self._log.warning("accept_failed", error=error.strerror or str(error), errno=error.errno,
+                              hint="out of file descriptors or memory; accepting again shortly")
+            return
+        loop.default_exception_handler(context)
 
 
 def _timestamp(record: logging.LogRecord) -> str:

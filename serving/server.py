@@ -53,7 +53,7 @@ from serving.images.decoding import configure_pillow
 from serving.grpc.interceptors import BoundaryInterceptor, Drain
 from serving.grpc.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from serving.grpc.kserve import KServeServicer
-from serving.logs import configure_logging, log_event
+from serving.logs import LoopFaults, configure_logging, log_event
 from serving.malloc import fix_mmap_threshold, trim_when_grown
 from serving.metrics import ModelStats
 from serving.metrics_endpoint import MetricsServer
@@ -65,7 +65,6 @@ from serving.core.inference import InferenceCore
 from serving.http.app import HttpOptions, HttpServer
 from serving.http.bodies import BodyLimits
 from serving.connection_limits import ConnectionLimits
-from serving.logs import RateLimitedLog
 from serving.grpc.typed import SERVICE_NAME, DigitServicer
 from serving.worker_link import WorkerLink
 from serving.workers import supervise
@@ -276,23 +275,6 @@ def _log_ready(args: argparse.Namespace, plan: Plan, app: _App) -> None:
               max_connections=app.http.options.connections.max_connections if app.http else None)
 
 
-class _LoopFaults:
-    """The event loop's error reports: running out of file descriptors while accepting (asyncio retries the accept a
-    second later by itself) is one rate-limited warning, not a traceback each time; anything else as asyncio
-    reports it."""
-
-    def __init__(self) -> None:
-        self._log = RateLimitedLog(logger)
-
-    def handle(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        error = context.get("exception")
-        if isinstance(error, OSError) and "accept" in context.get("message", ""):
-            self._log.warning("accept_failed", error=error.strerror or str(error), errno=error.errno,
-                              hint="out of file descriptors or memory; accepting again shortly")
-            return
-        loop.default_exception_handler(context)
-
-
 async def _drain_and_stop(args: argparse.Namespace, app: _App, shutdown: "_Shutdown",
                           loading: asyncio.Future | None) -> None:
     """Step 5: health NOT_SERVING, refuse new calls while those in flight finish, stop gRPC, release everything.
@@ -342,7 +324,7 @@ async def serve(args: argparse.Namespace, worker: WorkerLink | None = None) -> i
     shutdown = _Shutdown(loop)
     if worker is not None:
         worker.watch(loop, shutdown.order)
-    loop.set_exception_handler(_LoopFaults().handle)
+    loop.set_exception_handler(LoopFaults(logger).handle)
     plan = make_plan(args)
     app = _build(args, plan, ConnectionLimits.from_args(args), worker)
     if worker is None:
