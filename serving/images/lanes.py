@@ -5,7 +5,10 @@
 
 Two lanes of worker threads:
 - the *small* lane first reads every image's header (cheap: no pixels; a bad header or an overdrawn pixel budget
-  is refused before anything is decoded), then decodes the images whose declared size is at most SMALL_PIXELS (phone-screen drawings, scans at web size, MNIST-sized files), in request order;
+  is refused before anything is decoded), then decodes the images whose declared size is at most SMALL_PIXELS
+  (phone-screen drawings, scans at web size, MNIST-sized files), in request order, SMALL_STEP images per job: a
+  request of 256 images goes back behind the others' jobs after each step, so one client's batch never holds
+  another client's single image for longer than a step per request ahead of it;
 - the *large* lane decodes the rest, one image per job. Its queue is bounded (max_queued_large images waiting or
   running across all requests): beyond it a request gets RESOURCE_EXHAUSTED at once instead of waiting.
 So a 28x28 PNG never waits behind someone's 4096x4096 PNGs. A count does not bound memory (a 700-byte WebP may
@@ -35,6 +38,7 @@ from serving.images.decoding import SIDE, Fit, Invert, decode_cost, open_image, 
 __all__ = ["Decoder", "SMALL_PIXELS"]
 
 SMALL_PIXELS = 512 * 512  # decoded in a few milliseconds at most
+SMALL_STEP = 4  # small images decoded per job before the request queues again behind other requests' jobs
 
 
 class _Request:
@@ -91,11 +95,11 @@ class _Request:
             im.close()
 
     def run_small(self, start: int) -> tuple[int, Image.Image | None]:
-        """Small-lane worker: decode items[start:] in order until the end, or until an image too large for this
-        lane, returned opened (header only) with its index."""
+        """Small-lane worker: decode items[start:] in order for SMALL_STEP images, or until the end, or until an
+        image too large for this lane, returned opened (header only) with its index; else (where to go on, None)."""
         if start == 0:
             self.open_all()
-        for index in range(start, len(self.items)):
+        for index in range(start, min(len(self.items), start + SMALL_STEP)):
             self.check()
             im = self.opened[index]
             if im is None:
@@ -104,7 +108,7 @@ class _Request:
                 return index, im
             else:
                 self.prepare(index, im)
-        return len(self.items), None
+        return min(len(self.items), start + SMALL_STEP), None
 
     def run_large(self, index: int, im: Image.Image) -> None:
         """Large-lane worker: one image."""
@@ -135,7 +139,7 @@ class Decoder:
             while index < len(items):
                 index, large = await loop.run_in_executor(self._small, request.run_small, index)
                 if large is None:
-                    break
+                    continue  # a step done (or all): the next one queues behind other requests' jobs
                 if self.queued_large >= self.max_queued_large:
                     raise LimitExceeded(f"image {index}: the server is already decoding {self.queued_large} large "
                                         f"images (over {SMALL_PIXELS} pixels; --max-decode-queue "
