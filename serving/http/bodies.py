@@ -146,21 +146,27 @@ async def receive(request: web.Request, limits: BodyLimits) -> bytes:
 
     async def read() -> bytes:
         chunks, total, seen = [], 0, dict.fromkeys(counts, 0)
-        async for chunk in request.content.iter_any():
-            for piece in (chunk,) if inflater is None else inflater.pieces(chunk):
-                total += len(piece)
-                if total > limit:
-                    raise _too_large(None, limit, why + (", once inflated" if inflater else ""))
-                for char, most in counts.items():  # an impossible JSON body is refused before the rest arrives
-                    seen[char] += piece.count(char)
-                    if seen[char] > most:
-                        raise _too_many(char, most, "the request")
-                chunks.append(piece)
-                if inflater is not None:
-                    await asyncio.sleep(0)  # one step at a time: other clients' calls go on
-        if inflater is not None:
-            inflater.check_complete()
-        return b"".join(chunks)
+        try:
+            async for chunk in request.content.iter_any():
+                for piece in (chunk,) if inflater is None else inflater.pieces(chunk):
+                    total += len(piece)
+                    if total > limit:
+                        raise _too_large(None, limit, why + (", once inflated" if inflater else ""))
+                    for char, most in counts.items():  # an impossible JSON body is refused before the rest arrives
+                        seen[char] += piece.count(char)
+                        if seen[char] > most:
+                            raise _too_many(char, most, "the request")
+                    chunks.append(piece)
+                    if inflater is not None:
+                        await asyncio.sleep(0)  # one step at a time: other clients' calls go on
+            if inflater is not None:
+                inflater.check_complete()
+            return b"".join(chunks)
+        except BaseException:
+            # the refusal's traceback keeps this frame alive until the cyclic GC runs: not the body with it
+            chunks.clear()
+            chunk = piece = None
+            raise
 
     try:
         body = await asyncio.wait_for(read(), limits.timeout)
