@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from serving.connection_limits import ConnectionLimits
 from serving import server
 from serving._proto.inference import grpc_service_pb2 as pb
 from serving.grpc.kserve import KServeServicer
@@ -44,7 +45,7 @@ async def measure(repository: str, model: str | None, calls: int, batch: int) ->
     args = get_args_parser().parse_args(["--model-repository", repository, "--backend", "onnx", "--device", "cpu",
                                          "--http-port", "-1", "--metrics-port", "-1"])
     plan = make_plan(args)
-    app = server._build(args, plan)
+    app = server._build(args, plan, ConnectionLimits.from_args(args, announce=False))
     entry = next((e for e in plan.served if e.name == model), plan.served[0]) if model else plan.served[0]
     runner, _ = await asyncio.get_running_loop().run_in_executor(
         None, load_model, entry, plan.manifest, "cpu", 8, plan.batching[entry.name], app.stats[entry.name],
