@@ -5,7 +5,7 @@
 #   make gpu-wheels                                          # here: wheels the GPU machine lacks -> .whl/
 #   STEPS=reproduce,cuda_tests BUDGET=480 bash bench/gpu.sh  # there, call 1 (carry .whl)
 #   STEPS=bench,serve BUDGET=240 bash bench/gpu.sh           # there, call 2, on the still-warm machine
-#   STEPS=workers BUDGET=300 bash bench/gpu.sh                # --workers sweep, tiny and real model (issue 23)
+#   STEPS=workers BUDGET=300 bash bench/gpu.sh                # --workers sweep, tiny and real model
 #   DEVICE=cpu SMOKE=1 DATA_DIR=... bash bench/gpu.sh        # anywhere: every step at toy size (tests do this)
 #
 # Every step runs under `timeout` with at most what is left of BUDGET seconds, so the script always

@@ -1,4 +1,4 @@
-"""In-process onnxruntime throughput of a repository's FP32 and INT8 ONNX graphs, side by side (issue 16).
+"""In-process onnxruntime throughput of a repository's FP32 and INT8 ONNX graphs, side by side.
 
     python -m bench.int8 --model-repository REPO [--batches 1,64] [--threads 1,0] [--rounds 9] [--seconds 0.5] [--json]
 

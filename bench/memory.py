@@ -6,7 +6,7 @@ honest huge images, and a flood of requests it refuses. One server (subprocess),
 
 Per scenario: the server's RSS before, its peak while the scenario runs (VmHWM, reset through
 /proc/PID/clear_refs before each one, and VmRSS sampled every 5 ms where that reset is not allowed), the RSS a few
-seconds after, and the latency of small 28x28 requests sent meanwhile (p50/p99/max). Scenarios (issue 20's):
+seconds after, and the latency of small 28x28 requests sent meanwhile (p50/p99/max). Scenarios:
 - steady: N batch-1 raw-pixel Classify calls from 8 threads;
 - webp: 8 concurrent requests of four lossless WebPs of ~700 bytes declaring 4000x4000 each;
 - png: 8 concurrent requests of four RGBA 4096x4096 PNGs (~75 KB each);

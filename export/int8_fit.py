@@ -1,6 +1,6 @@
 """The INT8 graph's own softmax temperature and known_score threshold, fitted as the FP32 graph's are.
 
-Quantisation moves the logits and the known_score a little (BENCHMARKS.md, "INT8 (issue 16)"), so the FP32 graph's
+Quantisation moves the logits and the known_score a little (BENCHMARKS.md, "INT8"), so the FP32 graph's
 threshold would accept a different share of digits than `accept_rate` promises when the INT8 graph serves. The
 same held-out digits and the same split rows as export.fitting: the temperature minimises NLL on all of them, the
 threshold accepts `accept_rate` of the detector's THRESHOLD part, both from the INT8 graph's own outputs. The

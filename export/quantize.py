@@ -5,7 +5,7 @@ verified: QDQ format, per-channel int8 weights, uint8 activations with MinMax ra
 temperature is fitted on (the checkpoint's held-out training images, never the test set, which verifies). Then
 the INT8 graph is compared with the FP32 one on the verification images; a broken bound fails the export.
 
-What is quantised, and how, is measured, not guessed (BENCHMARKS.md, "INT8 (issue 16)"):
+What is quantised, and how, is measured, not guessed (BENCHMARKS.md, "INT8"):
 - Conv nodes with more than one input channel. The image-facing conv (one input channel) is about 1% of the
   multiply-adds, yet quantising it cost the most fidelity (minimum embedding cosine 0.90 with it, 0.995 without;
   accept/reject agreement 72%).
@@ -39,7 +39,7 @@ class Int8Error(RuntimeError):
     """The INT8 graph could not be made, or it breaks a bound against the FP32 graph."""
 
 
-# Issue 16's targets, enforced: top-1 agreement with FP32 (%), accuracy drop (points), mean cosine of the
+# The INT8 targets, enforced: top-1 agreement with FP32 (%), accuracy drop (points), mean cosine of the
 # INT8 embedding to the FP32 one, and agreement of the accept/reject decision, each graph at its own threshold (%).
 BOUNDS = {"min_top1_agreement": 99.8, "max_accuracy_drop": 0.1, "min_embedding_cosine": 0.995,
           "min_decision_agreement": 99.0}

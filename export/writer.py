@@ -41,7 +41,7 @@ def versions() -> dict:
 def config_parameters(fits: dict | None) -> dict[str, str]:
     """config.pbtxt's parameters: the served temperature, the known_score detector and its threshold (the
     manifest's calibration / open_set records). None for an unfitted export (temperature 1, nothing rejected):
-    config.pbtxt then stays as before issue 13."""
+    config.pbtxt then stays as for a graph without known_score."""
     calibration, record = (fits or {}).get("calibration") or {}, (fits or {}).get("open_set") or {}
     if not calibration.get("fitted_on"):
         return {}

@@ -19,7 +19,7 @@ __all__ = ["get_args_parser", "DEFAULT_INLINE_BELOW_US", "DEFAULT_QUEUE_DELAY_US
 DEFAULT_INLINE_BELOW_US = 100  # above the thread hand-off's cost, below this net's batch on the CPU (BENCHMARKS.md)
 DEFAULT_QUEUE_DELAY_US = 0  # measured best on CPU (loadgen sweep): a busy backend already gathers the next batch
 DEFAULT_QUEUE_SIZE = 1024
-DEFAULT_INTRA_OP_THREADS = 1  # measured (issue 16): see --intra-op-threads' help
+DEFAULT_INTRA_OP_THREADS = 1  # measured: see --intra-op-threads' help
 DEFAULT_MAX_CONCURRENT_RPCS = 512  # beyond it gRPC answers RESOURCE_EXHAUSTED; bounds memory held by requests
 
 
@@ -94,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="threads one backend call may use (ONNX Runtime's intra_op_num_threads; torch.set_num_threads "
                         "for TorchScript). 1 measured best on 2 CPU cores: the event loop, gRPC's poller and the "
                         "decoders need a core between backend calls, and a second intra-op thread costs a wake-up "
-                        "per operator of a small net (see BENCHMARKS.md, issue 16); raise it on machines with many "
+                        "per operator of a small net (see BENCHMARKS.md); raise it on machines with many "
                         "cores and large batches")
     p.add_argument("--max-concurrent-rpcs", type=_positive(int), default=DEFAULT_MAX_CONCURRENT_RPCS,
                    help="calls handled at once; gRPC refuses more with RESOURCE_EXHAUSTED")

@@ -22,7 +22,7 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 # The INT8 model's backend batches when --max-batch-size is not given: its images per second on one CPU core fall
 # past 32 (the demo model, one interleaved run: 4,791 at 32, 4,396 at 64, 2,981 at 256; FP32's 2,035 / 1,984 /
 # 1,732), so larger requests and batches are split into calls of 32: 2.2x FP32's images per server CPU-second over
-# the test set (1.55x without the split, on the digits-only model; BENCHMARKS.md, "INT8 by default (issue 23)").
+# the test set (1.55x without the split, on the digits-only model; BENCHMARKS.md, "INT8 by default").
 INT8_MAX_BATCH_SIZE = 32
 
 

@@ -104,7 +104,7 @@ def _servable(entries: list[ModelEntry], explicit: str | None) -> list[ModelEntr
 
 def _log_typed_model(entry: ModelEntry, manifest: Manifest, requested: str) -> None:
     """Say which model and precision the typed API serves, and warn when an INT8 model answers with the FP32
-    graph's temperature and threshold (a repository exported before INT8 had its own, issue 23)."""
+    graph's temperature and threshold (a repository exported before INT8 had its own)."""
     calibration = manifest.calibration(entry.name)
     log_event(logger, logging.INFO, "typed_model", model=entry.name, precision=entry.precision,
               requested_precision=requested, calibrated_precision=calibration.precision or None,

@@ -3,7 +3,7 @@
 Features per image: multilayer_mahalanobis's standardised distance at each stage tap and at the embedding, MSP and
 energy at the calibrated temperature, and max cosine. The weights are fitted on held-out digits (1) against the
 training negatives (0, training.negatives: letters, scribbles, digit fragments), never against the unknown sets the
-evaluation measures with (issue 22). The score is the regression's logit w.f + b (higher = digit).
+evaluation measures with. The score is the regression's logit w.f + b (higher = digit).
 
 The held-out digits are dealt in a cycle of four (stats, logistic, stats, threshold), so that no two of the
 Mahalanobis statistics, the logistic regression and the threshold are fitted on the same images:

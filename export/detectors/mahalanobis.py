@@ -161,7 +161,7 @@ class MahalanobisDetector(Detector):
 
 class MultiLayerMahalanobisDetector(Detector):
     """Statistics on half the held-out digits; each layer's median and spread, and the threshold, on the other half
-    (two numbers per layer: the images the shipped threshold was picked on also set them, as since issue 13)."""
+    (two numbers per layer: the images the shipped threshold was picked on also set them)."""
 
     name = "multilayer_mahalanobis"
     description = ("minus the sum over the net's stages (channel means after each pooling stage) and the embedding "

@@ -23,7 +23,7 @@ class Backend(abc.ABC):
     kind: str = ""
     device: str = "cpu"
     providers: tuple[str, ...] = ()
-    has_known_score: bool = False  # the graph returns known_score third (repositories since issue 13); set on load/warmup
+    has_known_score: bool = False  # the graph returns known_score third (newer repositories); set on load/warmup
 
     @abc.abstractmethod
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -51,7 +51,7 @@ class Backend(abc.ABC):
             from serving.logs import log_event
 
             log_event(logging.getLogger("serving.backends"), logging.WARNING, "no_known_score", backend=self.kind,
-                      detail="the graph has no known_score output (exported before issue 13): nothing is rejected as "
+                      detail="the graph has no known_score output (exported before the open-set score): nothing is rejected as "
                              "not a digit and probabilities are uncalibrated; re-export the repository")
         return classes, dim
 

@@ -92,7 +92,7 @@ class OrtBackend(Backend):
         if missing:
             raise StartupError(f"{path}: graph lacks output(s) {missing}; it has {outputs}")
         self._input = input_name
-        # known_score (repositories since issue 13) comes third when the graph has it; older graphs serve without.
+        # known_score (newer repositories) comes third when the graph has it; older graphs serve without.
         self._outputs = list(output_names) + [name for name in OPTIONAL_OUTPUTS if name in outputs]
         self.has_known_score = len(self._outputs) > len(output_names)
         types = {o.name: o.type for o in self._session.get_outputs()}

@@ -1,7 +1,7 @@
 """TorchScript backend: `torch.jit.load` of the repository's model.pt, run under inference mode.
 
 The exported module's forward(image uint8 [N, 1, 28, 28]) returns the tuple (logits, embedding, known_score)
-(repositories before issue 13: (logits, embedding)).
+(older repositories: (logits, embedding)).
 TorchScript is deprecated upstream but is what the repository ships (and what Triton's pytorch backend
 loads), so torch.jit.load's FutureWarning is silenced at load time.
 """

@@ -178,7 +178,7 @@ class InferenceCore:
         batch = await self.images(items, invert, fit, deadline)
         outputs = await runner.infer(batch)
         logits = outputs[0]
-        known = outputs[2] if len(outputs) > 2 else None  # graphs exported before issue 13 have no known_score
+        known = outputs[2] if len(outputs) > 2 else None  # graphs exported before the open-set score have none
         threshold = runner.calibration.threshold if known is not None else None  # the served model's own fit
         probabilities = postprocess.softmax(logits / np.float32(runner.calibration.temperature))
         labels, scores = postprocess.top_k(probabilities, k)

@@ -5,7 +5,7 @@
 
 The repository's `calibration` and `open_set` records were fitted on the FP32 graph (docs/architecture.md §5). A
 model whose graph computes differently (the INT8 one) has its own, fitted on the same held-out digits, under
-`model_calibration.<name>` (serving.repository.format.MODEL_CALIBRATION; repositories exported since issue 23).
+`model_calibration.<name>` (serving.repository.format.MODEL_CALIBRATION; repositories exported with INT8 calibration).
 A model without its own entry uses the repository's, and `precision` then says which graph they were fitted on:
 "fp32" for an INT8 model from an older repository, which the server reports rather than hides.
 """

@@ -57,7 +57,7 @@ def model_config(fmt: ModelFormat, max_batch_size: int, num_classes: int, embedd
     to max_batch_size, MAX_QUEUE_DELAY_US) and one instance of kind KIND_AUTO, as export writes; False: the
     interface only (what the server derives for a repository without config.pbtxt). parameters: Triton's
     ModelConfig.parameters (string values), written in key order (export: temperature, detector, threshold).
-    known_score: the graph's third output (repositories exported since issue 13); False for older graphs."""
+    known_score: the graph's third output (graphs exported with an open-set score); False for older graphs."""
     config = into if into is not None else message_type()()
     config.name = name or fmt.directory
     config.backend = fmt.backend

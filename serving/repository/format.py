@@ -6,7 +6,7 @@
     fmt.directory, fmt.file()           # "lsoftmax_mnist_onnx", "lsoftmax_mnist_onnx/1/model.onnx"
 
 Every graph of a repository takes INPUT (UINT8 [N, *IMAGE_DIMS]) and returns OUTPUTS (FP32 [N, C] and
-[N, D]) in that order, then, in repositories exported since issue 13, OUTPUT_KNOWN_SCORE (FP32 [N]). Writers (`python -m export`, bench/loadgen.py tiny-repo) and the server's reader
+[N, D]) in that order, then, in repositories exported with an open-set score, OUTPUT_KNOWN_SCORE (FP32 [N]). Writers (`python -m export`, bench/loadgen.py tiny-repo) and the server's reader
 (serving.repository.reader, serving.repository.manifest, serving.repository.config) all take these from here.
 Standard library only: export, bench and the tests import it beside tritonclient.
 """
@@ -25,7 +25,7 @@ __all__ = ["INPUT", "OUTPUT_LOGITS", "OUTPUT_EMBEDDING", "OUTPUT_KNOWN_SCORE", "
 INPUT = "image"
 OUTPUT_LOGITS = "logits"
 OUTPUT_EMBEDDING = "embedding"
-OUTPUT_KNOWN_SCORE = "known_score"  # FP32 [N], higher = more digit-like (open-set score; repositories since issue 13)
+OUTPUT_KNOWN_SCORE = "known_score"  # FP32 [N], higher = more digit-like (open-set score; newer repositories)
 OUTPUTS = (OUTPUT_LOGITS, OUTPUT_EMBEDDING)  # what every graph returns, first and in this order
 OPTIONAL_OUTPUTS = (OUTPUT_KNOWN_SCORE,)  # what newer graphs return after them (older repositories lack it)
 ALL_OUTPUTS = OUTPUTS + OPTIONAL_OUTPUTS  # the order of a backend's outputs when the graph has them all
@@ -74,7 +74,7 @@ BY_BACKEND = {f.backend: f for f in FORMATS}
 ONNX_INT8_MODEL = f"{BY_KIND['onnx'].directory}_int8"
 PRECISIONS = ("fp32", "int8")  # what a model computes in: every graph is FP32 but the quantised one
 # manifest.json record {model name: {"calibration": {...}, "open_set": {...}}}: the temperature and known_score
-# threshold fitted on that model's own graph (the INT8 one, since issue 23); a model without an entry uses the
+# threshold fitted on that model's own graph (the INT8 one, in newer repositories); a model without an entry uses the
 # repository's `calibration` and `open_set`, which were fitted on the FP32 graph.
 MODEL_CALIBRATION = "model_calibration"
 

@@ -66,7 +66,7 @@ class TensorSpec:
 
     @staticmethod
     def outputs(num_classes: int, embedding_dim: int, known_score: bool = False) -> tuple[TensorSpec, ...]:
-        """The outputs every graph of the repository returns, in order (known_score: graphs since issue 13)."""
+        """The outputs every graph of the repository returns, in order (known_score: graphs exported with an open-set score)."""
         return (TensorSpec(OUTPUT_LOGITS, OUTPUT_DATATYPE, (-1, num_classes)),
                 TensorSpec(OUTPUT_EMBEDDING, OUTPUT_DATATYPE, (-1, embedding_dim)),
                 *((TensorSpec(OUTPUT_KNOWN_SCORE, OUTPUT_DATATYPE, (-1,)),) if known_score else ()))

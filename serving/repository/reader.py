@@ -98,7 +98,7 @@ class Manifest:
         return None if self.spec.test_accuracy is None else float(self.spec.test_accuracy)
 
     def calibration(self, model: str) -> Calibration:
-        """The temperature and threshold `model`'s answers use: its own (the INT8 model's, since issue 23), else
+        """The temperature and threshold `model`'s answers use: its own (the INT8 model's, in newer repositories), else
         the repository's, fitted on the FP32 graph (serving.repository.calibration)."""
         return model_calibration(self.spec, model, self.root / MANIFEST_FILE)
 

@@ -139,7 +139,7 @@ def test_gpu_script_skips_steps_once_its_budget_is_spent_and_still_packs(tmp_pat
 
 @pytest.mark.slow  # long end to end; `make test-slow`
 def test_gpu_script_sweeps_workers_on_the_tiny_and_the_real_model(tmp_path, tiny_mnist_root):
-    """The --workers sweep (issue 23) at toy size: each count served side by side, on both models."""
+    """The --workers sweep at toy size: each count served side by side, on both models."""
     import json
     import tarfile
 

@@ -341,7 +341,7 @@ def test_exported_accuracy_must_match_the_checkpoint_within_the_devices_slack(co
     assert (off == {}) is ok and "eager" not in off
 
 
-# --- calibration and open-set score (issue 13) ----------------------------------------------------
+# --- calibration and open-set score ----------------------------------------------------
 
 @pytest.mark.parametrize("detector", ["max_cosine", "multilayer_mahalanobis",
                                       pytest.param("mahalanobis", marks=pytest.mark.slow)])  # ~10 s each

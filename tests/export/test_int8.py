@@ -1,4 +1,4 @@
-"""INT8 export (issue 16): `--int8` adds a quantised ONNX model verified against the FP32 one, refuses to calibrate
+"""INT8 export: `--int8` adds a quantised ONNX model verified against the FP32 one, refuses to calibrate
 without held-out images, fails (leaving nothing) when the INT8 graph breaks a bound, and the server loads it.
 The default suite runs the whole path once on the random tiny checkpoint with the bounds lifted (its near-tied
 logits flip under any rounding); the bounds themselves are checked on a briefly trained checkpoint (slow)."""
@@ -93,7 +93,7 @@ def test_int8_quantises_the_convs_but_the_image_facing_one(int8_repo):
 
 @pytest.mark.slow  # a trained checkpoint and real exports: ~35 s on 2 shared cores
 def test_int8_config_pbtxt_is_the_fp32_ones_under_its_own_name(int8_repo):
-    """... with its own fitted temperature and threshold (issue 23) as parameters."""
+    """... with its own fitted temperature and threshold as parameters."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 

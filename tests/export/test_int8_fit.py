@@ -1,4 +1,4 @@
-"""The INT8 model's own calibration (issue 23): export fits its temperature and known_score threshold on the same
+"""The INT8 model's own calibration: export fits its temperature and known_score threshold on the same
 held-out digits and the same threshold rows as the FP32 fit, records them where the server reads them
 (manifest.json model_calibration, the INT8 config.pbtxt's parameters), and reports INT8 against FP32 each at its own
 threshold. On the random tiny checkpoint with the INT8 bounds lifted (its near-tied logits flip under any rounding;

@@ -335,7 +335,7 @@ def test_client_cli_marks_rejected_inputs_and_evaluate_counts_them(tmp_path, cap
 def test_a_refused_request_leaves_no_reference_cycle_holding_it(tmp_path):
     """The boundary used to keep the caught exception in a local: exception → traceback → frames (holding the request
     and the images it opened) → the exception. Only the cyclic GC freed them, so a flood of refused requests held
-    hundreds of MiB (issue 20). Now nothing of a refused request is left for the GC to find."""
+    hundreds of MiB. Now nothing of a refused request is left for the GC to find."""
     import gc
     import io
 

@@ -1,4 +1,4 @@
-"""Memory that stays bounded whatever is sent (issue 20), through a real server: eight concurrent requests of four
+"""Memory that stays bounded whatever is sent, through a real server: eight concurrent requests of four
 ~700-byte WebPs declaring 4000x4000, and eight of four RGBA 4096x4096 PNGs, each peak under 512 MiB, and the
 resident set back near idle afterwards (bench.memory's scenarios; slow: ~30 s of decoding).
 Run: .venv/bin/python -m pytest tests/serving/test_serving_memory.py -q -m slow -s"""

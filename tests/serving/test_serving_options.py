@@ -1,4 +1,4 @@
-"""Server flags that tune the hot path (issue 16): --intra-op-threads parses, is refused with a usage message (exit 2)
+"""Server flags that tune the hot path: --intra-op-threads parses, is refused with a usage message (exit 2)
 when it cannot work, and reaches the ONNX Runtime session (and torch) as given. In-process, no server.
 Run: .venv/bin/python -m pytest tests/serving/test_serving_options.py -q"""
 

@@ -1,4 +1,4 @@
-"""Which model the typed API serves by precision (issue 23): under --precision auto a repository with the INT8 model
+"""Which model the typed API serves by precision: under --precision auto a repository with the INT8 model
 serves it where ONNX runs on the CPU and FP32 on CUDA; fp32 / int8 force either; contradicting flags are usage
 errors and int8 without the model a clear startup error. The INT8 model answers with its own temperature and
 threshold (manifest.json model_calibration) and backend calls of at most 32 images, GetModelInfo and GET /v1/model
