@@ -109,6 +109,16 @@ def start_server(repository: Path, opts: argparse.Namespace, log_name: str) -> t
         raise
 
 
+def _end_flood(result: dict, server: ServerProcess, flood, lines_before: int) -> None:
+    """After a flood's window: the server's memory and what it logged meanwhile, then the attacker's own figures."""
+    result["server_end"] = usage_mb(server.proc.pid) if server.proc.poll() is None else None
+    result["server_log"] = log_digest(server.lines[lines_before:])
+    flood.stop()
+    result["attack"] = flood.stats()
+    if flood.error:
+        result["attack_error"] = flood.error
+
+
 def stop_server(server: ServerProcess, timeout: float = 60.0) -> dict:
     """SIGTERM and the exit status; a server that died earlier or does not exit in time is reported (with its last
     log lines), never raised: the figures up to then are the result."""
@@ -887,12 +897,7 @@ def scenario_connections(repository: Path, opts: argparse.Namespace, grpc_port_t
                 and server.proc.poll() is None:
             time.sleep(0.5)
         result["observed_after_window_s"] = round(time.monotonic() - watched, 1)
-        result["server_end"] = usage_mb(server.proc.pid) if server.proc.poll() is None else None
-        result["server_log"] = log_digest(server.lines[lines_before:])
-        flood.stop()
-        result["attack"] = flood.stats()
-        if flood.error:
-            result["attack_error"] = flood.error
+        _end_flood(result, server, flood, lines_before)
     finally:
         result["stop"] = stop_server(server)
     result["seconds"] = round(time.monotonic() - began, 1)
@@ -965,12 +970,7 @@ def scenario_trickle(repository: Path, opts: argparse.Namespace) -> dict:
         result["attack_open_s"] = flood.open_seconds
         result["victims"] = run_victims(victims_for(ready, http_port, grpc_port, opts.victim_rate, health=False),
                                         opts.window_seconds)
-        result["server_end"] = usage_mb(server.proc.pid) if server.proc.poll() is None else None
-        result["server_log"] = log_digest(server.lines[lines_before:])
-        flood.stop()
-        result["attack"] = flood.stats()
-        if flood.error:
-            result["attack_error"] = flood.error
+        _end_flood(result, server, flood, lines_before)
     finally:
         result["stop"] = stop_server(server)
     result["seconds"] = round(time.monotonic() - began, 1)

@@ -170,6 +170,10 @@ async def receive(request: web.Request, limits: BodyLimits) -> bytes:
 
     try:
         body = await asyncio.wait_for(read(), limits.timeout)
+    except RuntimeError:
+        if request.protocol is None or not request.protocol.connected:  # aiohttp's word for "the client is gone"
+            raise ConnectionResetError("the client closed the connection before its body arrived") from None
+        raise
     except asyncio.TimeoutError:
         raise HttpError(408, f"the request body did not arrive within {limits.timeout:g} s (--http-body-timeout)",
                         CLOSE) from None

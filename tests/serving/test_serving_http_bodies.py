@@ -185,3 +185,16 @@ def test_a_declared_length_over_the_encodings_limit_is_refused_before_reading():
     # the same size as binary tensor data is within the binary limit
     assert asyncio.run(run({"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "2"},
                            big, big)) == big
+
+
+def test_a_client_gone_mid_body_is_a_disconnect_not_a_server_error():
+    """aiohttp says RuntimeError("Connection closed.") when a body is awaited on a closed connection (an evicted
+    trickle, a client that hung up): that is the client's doing, ConnectionResetError, never a 500 and a traceback."""
+    async def run():
+        request = _request(b"abc", {"Content-Type": "image/png", "Content-Length": "1000"}, complete=False)
+        request.protocol.connected = False
+        await receive(request, LIMITS)
+
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(run())
+
