@@ -16,7 +16,6 @@ import shutil
 import socket
 import sys
 import threading
-import time
 
 import grpc
 import pytest
@@ -197,7 +196,6 @@ def test_sigterm_under_retrying_keep_alive_clients_loses_no_call(model_repositor
                 connection = None
             if response.status == 503:
                 assert response.getheader("Connection", "").lower() == "close"
-            time.sleep(0.05)
 
     threads = [threading.Thread(target=client, args=(record,), daemon=True) for record in outcomes]
     for thread in threads:
