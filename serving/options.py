@@ -98,7 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "cores and large batches")
     p.add_argument("--max-concurrent-rpcs", type=_positive(int), default=DEFAULT_MAX_CONCURRENT_RPCS,
                    help="calls handled at once; gRPC refuses more with RESOURCE_EXHAUSTED")
-    c = p.add_argument_group("connections (serving.connection_limits; docs/security.md)")
+    c = p.add_argument_group("connections (serving.connection_limits; README: Connections and request bodies)")
     c.add_argument("--max-connections", type=_positive(int, minimum=0), default=0,
                    help="open connections per port (HTTP and gRPC each); beyond it HTTP closes the connection quiet "
                         "longest and gRPC refuses the new one. 0: derived from the open-file limit (raised to its "

@@ -24,7 +24,7 @@ import time
 import grpc
 
 from serving.core.boundary import Drain, record
-from serving.core.errors import NotReady, Unauthenticated
+from serving.core.errors import Unauthenticated
 from serving.grpc.status import status_for
 from serving.logs import log_event
 from serving.metrics import charged

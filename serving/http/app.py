@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -29,7 +29,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from serving.core.boundary import Drain, record
 from serving.core.inference import InferenceCore
-from serving.core.errors import NotReady, ServingError, StartupError, Unauthenticated
+from serving.core.errors import ServingError, StartupError, Unauthenticated
 from serving.http import kserve_rest, typed_rest
 from serving.http.bodies import BodyLimits, receive
 from serving.http.connections import ConnectionGuard, ConnectionPolicy
@@ -60,7 +60,7 @@ class HttpOptions:
     bodies: BodyLimits  # per encoding, from --max-message-bytes, --max-images-per-request, --http-body-timeout
     connections: ConnectionPolicy  # serving.connection_limits: caps and timeouts from the flags and the fd limit
     max_concurrent: int = 512  # --max-concurrent-rpcs, as for gRPC
-    cors_origins: tuple[str, ...] = field(default=())  # --http-cors-origin (repeatable); none: no cross-origin
+    cors_origins: tuple[str, ...] = ()  # --http-cors-origin (repeatable); none: no cross-origin access
 
 
 def _open(path: str) -> bool:
@@ -80,7 +80,7 @@ class HttpServer:
                               if path.is_file() and not path.name.startswith(".")}
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
-        self._servers: list[asyncio.base_events.Server] = []
+        self._server: asyncio.AbstractServer | None = None  # the listening socket(s) of the port
         self.guard: ConnectionGuard | None = None
         # aiohttp inflates nothing itself (serving.http.bodies does, within the limit) and keeps no connection
         # open on its own clock: the guard's timeouts are shorter
@@ -109,18 +109,17 @@ class HttpServer:
             await self._runner.cleanup()
             raise StartupError(f"cannot bind the HTTP port {host}:{port} ({exc.strerror or exc}); choose another "
                                "--http-port (0: any free port, -1: no HTTP)") from None
-        self._servers.append(server)
+        self._server = server
         self.port = server.sockets[0].getsockname()[1]  # the port the OS picked for --http-port 0
 
     def stop_accepting(self) -> None:
         """Draining: new connections are refused (nothing sent, so nothing lost; under --workers another process
         takes them), the open ones are answered, each answer closing its connection."""
-        for server in self._servers:
-            server.close()
+        if self._server is not None:
+            self._server.close()
 
     async def stop(self) -> None:
-        for server in self._servers:
-            server.close()
+        self.stop_accepting()
         if self.guard is not None:
             self.guard.close_all()
         if self._runner is not None:

@@ -2,8 +2,9 @@
 event loop.
 
     limits = BodyLimits.derive(max_images=256, max_message_bytes=16 << 20, timeout=30.0)
-    body = await receive(request, limits)          # the middleware, before the request takes a concurrency slot
-    request = await parse_json(body, limits.max_json_values ...)   # the handlers
+    await receive(request, limits)     # the middleware, before the request takes a concurrency slot
+    body = body_of(request)            # the handlers; a JSON body has been counted as it arrived, so
+    parsed = await off_loop(lambda: parse_json(body, "the request"), len(body))   # it is only parsed here
 
 Why each limit: --max-message-bytes bounds a request's images as bytes (raw, binary tensor data, one encoded
 image, multipart uploads); but a JSON body costs far more to parse than its bytes to read, and a valid one holds
@@ -85,11 +86,12 @@ class BodyLimits:
 
     def for_request(self, request: web.Request) -> tuple[int, str, dict[bytes, int]]:
         """The most this request's body may be, what sets it (for the 413's message), and for a JSON body the
-        counts it may not exceed (checked as it arrives)."""
-        if request.content_type != "application/json" and "Inference-Header-Content-Length" not in request.headers:
-            return self.body_bytes, "--max-message-bytes", {}
+        counts it may not exceed (checked as it arrives). A KServe body without the binary extension's header is
+        JSON whatever its Content-Type says; a typed one is JSON when it says so (else an image or multipart)."""
         if request.path.startswith("/v1/"):
-            return self.typed_json_bytes, "base64 of --max-message-bytes", self.typed_counts
+            if request.content_type == "application/json":
+                return self.typed_json_bytes, "base64 of --max-message-bytes", self.typed_counts
+            return self.body_bytes, "--max-message-bytes", {}
         if "Inference-Header-Content-Length" in request.headers:  # counted once split from its binary tail
             return self.kserve_json_bytes + self.body_bytes, "the JSON header and --max-message-bytes", {}
         return self.kserve_json_bytes, (f"the JSON of --max-images-per-request={self.max_images} images; send "
@@ -207,8 +209,9 @@ def _too_many(char: bytes, most: int, what: str) -> HttpError:
 
 
 def parse_json(body: bytes, what: str, counts: dict[bytes, int] | None = None) -> object:
-    """JSON → Python, after counting over the bytes what the request may hold at most (413 beyond: it cannot be
-    valid, and parsing it would be the cost); nesting deeper than orjson's 1,024 levels is a 400."""
+    """JSON → Python; with `counts`, after counting over the bytes what the request may hold at most (413 beyond:
+    it cannot be valid, and parsing it would be the cost) for JSON that `receive` could not count as it arrived (the
+    header of a binary KServe body); nesting deeper than orjson's 1,024 levels is a 400."""
     for char, most in (counts or {}).items():
         if body.count(char) > most:
             raise _too_many(char, most, what)

@@ -199,17 +199,11 @@ class ConnectionGuard:
         self._by_transport: dict[asyncio.BaseTransport, _Connection] = {}
         self._handshakes: set[asyncio.Task] = set()
         self._log = RateLimitedLog(logger)
-        self.evicted = 0
-        self.refused = 0
 
     def factory(self, inner_factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """The protocol factory for loop.create_server: aiohttp's protocol, guarded."""
         self.loop = asyncio.get_running_loop()
         return lambda: _Connection(self, inner_factory())
-
-    @property
-    def open_connections(self) -> int:
-        return len(self._open)
 
     # --- the request's side (the middleware) ---
 
@@ -239,11 +233,9 @@ class ConnectionGuard:
         if len(self._open) >= self.policy.max_connections:
             victim = next(iter(self._evictable), None)
             if victim is None:
-                self.refused += 1
                 self._log.warning("http_connection_refused", max_connections=self.policy.max_connections,
                                   hint="every connection is being answered; the new one is closed")
                 return False
-            self.evicted += 1
             self._log.warning("http_connection_evicted", max_connections=self.policy.max_connections,
                               state=victim.state, hint="at the connection cap: the longest quiet connection closed")
             victim.abort()

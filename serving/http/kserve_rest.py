@@ -54,7 +54,8 @@ def _split(body: bytes, header_length: str | None, limits: BodyLimits) -> tuple[
             raise HttpError(413, f"the JSON header of {length} bytes is larger than the {limits.kserve_json_bytes} "
                                  "bytes this server accepts for it", CLOSE)
         json_part, binary = body[:length], body[length:]
-    request = parse_json(json_part, "the inference request", limits.kserve_counts)
+    # a JSON-only body was counted as it arrived (serving.http.bodies.receive); a binary body's header is counted here
+    request = parse_json(json_part, "the inference request", None if header_length is None else limits.kserve_counts)
     if not isinstance(request, dict):
         raise InvalidInput("the inference request must be a JSON object")
     return request, binary

@@ -67,7 +67,7 @@ class TypedRest:
         """The request message from protobuf's JSON mapping; the images are counted before the (slow) mapping
         runs. In a worker thread for large bodies."""
         most = self.limits.max_images
-        request = parse_json(body, "the request", self.limits.typed_counts)
+        request = parse_json(body, "the request")  # its objects were counted as it arrived (bodies.receive)
         if not isinstance(request, dict):
             raise InvalidInput(f"the request must be a {message.DESCRIPTOR.name} as a JSON object")
         images = request.get("images")

@@ -198,3 +198,15 @@ def test_a_client_gone_mid_body_is_a_disconnect_not_a_server_error():
     with pytest.raises(ConnectionResetError):
         asyncio.run(run())
 
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", "application/octet-stream"])
+def test_a_kserve_body_without_the_binary_header_is_counted_as_json_whatever_its_type(content_type):
+    async def run():
+        request = _request(b"[" + b"0," * 300_000 + b"0]", {"Content-Type": content_type})
+        with pytest.raises(HttpError) as refused:
+            await receive(request, LIMITS)
+        return refused.value
+
+    refused = asyncio.run(run())
+    assert refused.status == 413
